@@ -1,0 +1,1 @@
+"""Benchmarks behind `soda bench`: they print numbers; tests never time anything."""

@@ -1,0 +1,63 @@
+"""`soda bench loader`: tokens/s of the training data loader, per worker process.
+
+The goal (shared/goals.md) is >= 20M tokens/s per core on packed shards: a GPU consumes 0.1-1M
+tokens/s, so loading must never show in a profile. Without --shards it writes a synthetic shard set
+of random SODA ids through the real shard writer (the loader cannot tell the difference).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from megatron_soda.data import DataConfig, MixtureDataset, SodaDataLoader
+from tokenization.shards import index_entry, write_index, write_shard
+from tokenization.vocab import LLAMA3_LAYOUT
+
+
+def synthetic_shards(out: Path, num_shards: int = 8, samples_per_shard: int = 256, seq_len: int = 4096) -> Path:
+    layout = LLAMA3_LAYOUT
+    rng = np.random.default_rng(0)
+    records = []
+    for s in range(num_shards):
+        samples = [
+            rng.integers(0, layout.vocab_size, seq_len + 1).astype(layout.storage_dtype)
+            for _ in range(samples_per_shard)
+        ]
+        stats = {"tokens": samples_per_shard * seq_len, "pad_tokens": 0}
+        rec = write_shard(out / f"shard-{s:06d}.tar", samples, s, stats)
+        records.append(index_entry(rec))
+    write_index(out, layout, seq_len, records, {"synthetic": True})
+    return out
+
+
+def measure(paths: list[str], workers: int, micro_batch: int, seconds: float) -> tuple[float, int]:
+    ds = MixtureDataset(DataConfig(paths=paths, num_workers=workers))
+    loader = SodaDataLoader(ds, micro_batch_size=micro_batch, global_batch_size=micro_batch)
+    it = iter(loader)
+    next(it)  # worker start-up is not throughput
+    t0, tokens = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        batch = next(it)
+        tokens += batch["tokens"].numel()
+    return tokens / (time.perf_counter() - t0), ds.seq_len
+
+
+def run(shards: str | None, workers: list[int], micro_batch: int, seconds: float) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [shards] if shards else [str(synthetic_shards(Path(tmp)))]
+        rows = []
+        print(f"loader benchmark on {paths[0]}{' (synthetic)' if not shards else ''}, micro batch {micro_batch}")
+        print(f"{'workers':>8} {'tokens/s':>14} {'tokens/s/worker':>16}")
+        for w in workers:
+            rate, seq_len = measure(paths, w, micro_batch, seconds)
+            per = rate / max(w, 1)
+            rows.append({"workers": w, "tokens_per_s": rate, "tokens_per_s_per_worker": per, "seq_len": seq_len})
+            label = f"{w}" if w else "0 (main)"
+            print(f"{label:>8} {rate:>14,.0f} {per:>16,.0f}")
+        best = max(r["tokens_per_s_per_worker"] for r in rows)
+        print(f"goal >= 20,000,000 tokens/s per core: {'met' if best >= 20e6 else 'NOT met'} (best {best:,.0f})")
+        return rows

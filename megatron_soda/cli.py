@@ -1,0 +1,178 @@
+"""`soda <subcommand>`: the one entry point for user-facing jobs.
+
+Errors a user can fix (bad paths, bad settings, mismatched layouts) end as one line on stderr and
+exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tokenization.documents import FORMATS
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, OSError)
+
+
+def _add_corpus(sub) -> None:
+    p = sub.add_parser("corpus", help="make the bundled tiny espeak-ng corpus (demo and tests)")
+    p.add_argument("--out", default="data/tiny")
+    p.add_argument("--utterances", type=int, default=160)
+    p.add_argument("--text-docs", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_corpus(a) -> None:
+    from tokenization.tiny_corpus import make_corpus
+
+    manifest = make_corpus(a.out, a.utterances, a.text_docs, a.seed)
+    print(
+        f"tiny corpus: {manifest} ({a.utterances} utterances) and {Path(a.out) / 'text'} ({a.text_docs} text documents)"
+    )
+
+
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="build the SODA tokenizer (text tokenizer + delimiters + audio tokens)")
+    p.add_argument("--base", help="HF tokenizer name or path to extend (production: a Llama-3 tokenizer)")
+    p.add_argument("--train-tiny", metavar="TEXT_FILE", help="instead, train a small BPE on this text file (tests)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="with --train-tiny")
+    p.add_argument("--out", required=True)
+
+
+def _cmd_tokenizer(a) -> None:
+    from tokenization.text_tokenizer import extend_tokenizer, load_tokenizer, save_tokenizer, train_tiny_bpe
+
+    if bool(a.base) == bool(a.train_tiny):
+        raise ValueError("tokenizer: give exactly one of --base NAME_OR_PATH or --train-tiny TEXT_FILE")
+    if a.train_tiny:
+        lines = Path(a.train_tiny).read_text(encoding="utf-8").splitlines()
+        base = train_tiny_bpe(lines, a.vocab_size)
+    else:
+        base = load_tokenizer(a.base)
+    tok, layout = extend_tokenizer(base)
+    save_tokenizer(tok, a.out)
+    print(
+        f"SODA tokenizer -> {a.out}: text {layout.text_vocab_size}, delimiters {layout.text_vocab_size}.."
+        f"{layout.audio_end}, audio {layout.audio_offset}..{layout.vocab_size - 1}, total {layout.vocab_size}"
+    )
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize audio/transcripts/text into packed WebDataset shards")
+    p.add_argument("--input", action="append", required=True, help="JSONL manifest or directory (repeatable)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer name/path (extended on the fly if plain)")
+    p.add_argument("--codec", default="kyutai/mimi", help="Mimi name/path, or random:<seed> for a random codec")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--formats", default="text_first,audio_first", help=f"comma list of {', '.join(FORMATS)}")
+    p.add_argument("--num-codebooks", type=int, default=8, help="codebooks kept: 1 = semantic only ... 8")
+    p.add_argument("--files-per-shard", type=int, default=256)
+    p.add_argument("--batch-seconds", type=float, default=240.0, help="audio per codec batch (longest clip x count)")
+    p.add_argument(
+        "--max-seconds", type=float, default=60.0, help="longer paired files are skipped, audio-only chunked"
+    )
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--rank", type=int, default=None, help="this task's share (default: SLURM_ARRAY_TASK_ID or 0)")
+    p.add_argument(
+        "--world-size", type=int, default=None, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_prepare(a) -> None:
+    import os
+
+    from tokenization.prepare import PrepareConfig, prepare, print_summary
+
+    rank = a.rank if a.rank is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    world = a.world_size if a.world_size is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    cfg = PrepareConfig(
+        inputs=a.input,
+        output=a.output,
+        tokenizer=a.tokenizer,
+        codec=a.codec,
+        device=a.device,
+        seq_len=a.seq_len,
+        formats=a.formats,
+        num_codebooks=a.num_codebooks,
+        files_per_shard=a.files_per_shard,
+        batch_seconds=a.batch_seconds,
+        max_seconds=a.max_seconds,
+        num_workers=a.num_workers,
+        rank=rank,
+        world_size=world,
+    )
+    summary = prepare(cfg, progress=not a.no_progress)
+    if summary.get("pending_shards"):
+        print(
+            f"rank {rank} done; {summary['pending_shards']} shard(s) of other ranks still missing: "
+            "the last rank to finish writes index.json (or re-run this command)"
+        )
+    else:
+        print_summary(summary, Path(a.output))
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="summarize a shard set and decode a few samples back to text")
+    p.add_argument("shards")
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--chars", type=int, default=300, help="characters of each decoded sample to print")
+
+
+def _cmd_inspect(a) -> None:
+    from megatron_soda.inspect_shards import inspect
+
+    inspect(a.shards, a.samples, a.chars)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print numbers")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    lp = bsub.add_parser("loader", help="training data loader tokens/s per worker")
+    lp.add_argument("--shards", help="a shard set (default: a synthetic seq-4096 set)")
+    lp.add_argument("--workers", default="0,1,2", help="comma list of worker counts")
+    lp.add_argument("--micro-batch", type=int, default=8)
+    lp.add_argument("--seconds", type=float, default=3.0)
+    lp.add_argument("--json", help="also write the rows here")
+
+
+def _cmd_bench(a) -> None:
+    if a.bench == "loader":
+        from megatron_soda.benchmarks.loader import run
+
+        rows = run(a.shards, [int(w) for w in a.workers.split(",")], a.micro_batch, a.seconds)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+COMMANDS = {
+    "corpus": (_add_corpus, _cmd_corpus),
+    "tokenizer": (_add_tokenizer, _cmd_tokenizer),
+    "prepare": (_add_prepare, _cmd_prepare),
+    "inspect": (_add_inspect, _cmd_inspect),
+    "bench": (_add_bench, _cmd_bench),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="soda", description="megatron-soda: SODA audio foundation models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command][1](args)
+    except KeyboardInterrupt:
+        print("soda: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        print(f"soda {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

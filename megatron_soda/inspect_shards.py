@@ -1,0 +1,78 @@
+"""`soda inspect`: what a shard set holds, and a few samples decoded back to readable form.
+
+Audio runs are shown as frame counts rather than 8 x frames code characters: a person checks that
+transcripts sit next to plausible amounts of audio, in the right order, with the right delimiters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megatron_soda.data import ShardSet
+from tokenization.vocab import SodaLayout
+
+
+def render(ids: np.ndarray, tokenizer, layout: SodaLayout, num_codebooks: int) -> str:
+    names = {v: k for k, v in layout.delimiter_ids.items()}
+    names[layout.bos_id], names[layout.eos_id] = "<BOS>", "<EOS>"
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        t = int(ids[i])
+        if t == layout.pad_sentinel:
+            out.append(f"<PAD x{n - i}>")
+            break
+        if layout.audio_offset <= t < layout.vocab_size:
+            j = i
+            while j < n and layout.audio_offset <= int(ids[j]) < layout.vocab_size:
+                j += 1
+            out.append(f"[audio: {j - i} tokens]")
+            i = j
+        elif t in names:
+            out.append(names[t])
+            i += 1
+        else:
+            j = i
+            while j < n and int(ids[j]) < layout.text_vocab_size and int(ids[j]) not in names:
+                j += 1
+            out.append(tokenizer.decode(ids[i:j].tolist()))
+            i = j
+    return "".join(out)
+
+
+def inspect(path: str, num_samples: int = 3, chars: int = 300) -> None:
+    from tokenization.text_tokenizer import load_tokenizer
+
+    shards = ShardSet(path)
+    idx = shards.index
+    meta, layout = idx.meta, idx.layout
+    summary = meta.get("summary", {})
+    print(
+        f"shard set {idx.root}: {len(idx.shards)} shards, {idx.num_samples} samples of {idx.seq_len}+1 tokens, "
+        f"{idx.num_tokens:,} tokens"
+    )
+    print(
+        f"  layout: text {layout.text_vocab_size} + 4 delimiters + {layout.codebooks}x{layout.codebook_size} audio "
+        f"= {layout.vocab_size} ids ({idx.dtype.name} on disk)"
+    )
+    codec = meta.get("codec", {})
+    print(
+        f"  codec: {codec.get('name')} ({meta.get('num_codebooks')} codebooks kept), "
+        f"formats: {', '.join(meta.get('formats', []))}"
+    )
+    if summary:
+        counts = summary.get("counts", {})
+        print(
+            f"  audio {summary.get('audio_hours', 0):.3f} h, text tokens {counts.get('text_tokens', 0):,}, "
+            f"audio tokens {counts.get('audio_tokens', 0):,}, skipped {sum(summary.get('skipped', {}).values())}"
+        )
+    tok_dir = idx.root / meta.get("tokenizer", {}).get("path", "tokenizer")
+    tokenizer = load_tokenizer(str(tok_dir))
+    for k in range(min(num_samples, len(shards))):
+        ids, _ = shards.read(k)
+        text = render(ids, tokenizer, layout, int(meta.get("num_codebooks", layout.codebooks)))
+        audio = int(layout.is_audio(ids).sum())
+        print(
+            f"\n--- sample {k}: {int(layout.is_text(ids).sum())} text + {audio} audio tokens "
+            f"({audio / int(meta.get('num_codebooks', 8)) / float(codec.get('frame_rate', 12.5)):.1f} s of audio)"
+        )
+        print(text[:chars] + (" ..." if len(text) > chars else ""))

@@ -1,0 +1,70 @@
+"""Shared, session-scoped fixtures: the tiny corpus, tokenizer, codec and one prepared shard set are
+made once per test run (the codec is the slow part on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenization.codec import MimiCodec, random_mimi
+from tokenization.prepare import PrepareConfig, prepare
+from tokenization.shards import index_entry, write_index, write_shard
+from tokenization.text_tokenizer import extend_tokenizer, save_tokenizer, train_tiny_bpe
+from tokenization.tiny_corpus import make_corpus
+from tokenization.vocab import SodaLayout
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    make_corpus(root, num_utterances=12, num_text_docs=3, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    lines = (corpus / "sentences.txt").read_text().splitlines()
+    tok, _ = extend_tokenizer(train_tiny_bpe(lines, vocab_size=400))
+    return save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def codec() -> MimiCodec:
+    return MimiCodec(random_mimi(0), name="random:0")
+
+
+def prepare_config(inputs: list, output: Path, tokenizer_dir: Path, **kw) -> PrepareConfig:
+    defaults = dict(codec="random:0", seq_len=256, files_per_shard=4, num_workers=0)
+    defaults.update(kw)
+    return PrepareConfig(inputs=[str(i) for i in inputs], output=str(output), tokenizer=str(tokenizer_dir), **defaults)
+
+
+@pytest.fixture(scope="session")
+def prepared(corpus, tokenizer_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "set"
+    prepare(prepare_config([corpus / "manifest.jsonl", corpus / "text"], out, tokenizer_dir), progress=False)
+    return out
+
+
+def synthetic_set(
+    out: Path, shard_sizes: list[int], seq_len: int = 16, layout: SodaLayout | None = None, seed: int = 0
+) -> list[np.ndarray]:
+    """A shard set of random ids written by the real writer; returns the samples in index order."""
+    layout = layout or SodaLayout()
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    samples, records = [], []
+    for s, n in enumerate(shard_sizes):
+        shard = [rng.integers(0, layout.vocab_size, seq_len + 1).astype(layout.storage_dtype) for _ in range(n)]
+        rec = write_shard(out / f"shard-{s:06d}.tar", shard, s, {"tokens": n * seq_len, "pad_tokens": 0})
+        records.append(index_entry(rec))
+        samples += shard
+    write_index(out, layout, seq_len, records, {})
+    return samples
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

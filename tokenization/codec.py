@@ -1,0 +1,112 @@
+"""Mimi through `transformers.MimiModel`: batched encoding to [frames, K] codes and decoding back.
+
+Batching must not change the codes. Mimi's encoder is causal, so right-padding a short clip inside a
+batch leaves its frames alone except the last, partial one (the conv padding differs). Every clip is
+therefore zero-padded to a whole number of frames first: then batched and one-by-one encodes agree
+exactly, and a clip of n samples always gives ceil(n / samples_per_frame) frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import torch
+
+MIMI_HF_NAME = "kyutai/mimi"
+RANDOM_PREFIX = "random:"  # "random:<seed>": a random-weight Mimi, for offline tests and the demo
+
+
+def random_mimi(seed: int = 0):
+    """A random-weight Mimi with non-degenerate codebooks, for tests and the offline demo.
+
+    A fresh `MimiModel(MimiConfig())` quantizes everything to code 0: its codebooks are buffers
+    (`embed_sum`) initialised to zero. Giving them seeded random centroids makes the codes diverse,
+    which is all the data pipeline needs (the audio it decodes to is noise, as with any random codec).
+    """
+    from transformers import MimiConfig, MimiModel
+
+    torch.manual_seed(seed)
+    model = MimiModel(MimiConfig())
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if type(module).__name__ == "MimiEuclideanCodebook":
+            module.embed_sum.copy_(torch.randn(module.embed_sum.shape, generator=gen))
+            module.cluster_usage.fill_(1.0)
+            module._embed = None  # the cached centroid table, rebuilt from embed_sum on next use
+    return model.eval()
+
+
+class MimiCodec:
+    def __init__(self, model, device: str = "cpu", num_codebooks: int = 8, name: str = MIMI_HF_NAME) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.num_codebooks = num_codebooks
+        self.name = name
+        cfg = model.config
+        self.sample_rate = int(cfg.sampling_rate)
+        self.frame_rate = float(cfg.frame_rate)
+        self.samples_per_frame = int(round(self.sample_rate / self.frame_rate))
+        self.codebook_size = int(cfg.codebook_size)
+        if not 1 <= num_codebooks <= cfg.num_quantizers:
+            raise ValueError(f"num_codebooks must be 1..{cfg.num_quantizers}, got {num_codebooks}")
+
+    @classmethod
+    def load(cls, name_or_path: str = MIMI_HF_NAME, device: str = "cpu", num_codebooks: int = 8) -> MimiCodec:
+        from transformers import MimiModel
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda asked for, but torch sees no GPU")
+        if name_or_path.startswith(RANDOM_PREFIX):
+            seed = name_or_path[len(RANDOM_PREFIX) :]
+            if not seed.isdigit():
+                raise ValueError(f"codec {name_or_path!r}: expected {RANDOM_PREFIX}<integer seed>")
+            model = random_mimi(int(seed))
+        else:
+            model = MimiModel.from_pretrained(name_or_path)
+        return cls(model, device=device, num_codebooks=num_codebooks, name=name_or_path)
+
+    def identity(self) -> dict:
+        """What makes two codecs interchangeable: config and weights (hashed), not the path."""
+        h = hashlib.sha256()
+        for key, tensor in sorted(self.model.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        cfg = json.dumps(self.model.config.to_diff_dict(), sort_keys=True, default=str)
+        return {
+            "name": self.name,
+            "sample_rate": self.sample_rate,
+            "frame_rate": self.frame_rate,
+            "codebook_size": self.codebook_size,
+            "num_codebooks": self.num_codebooks,
+            "config_sha": hashlib.sha256(cfg.encode()).hexdigest()[:16],
+            "weights_sha": h.hexdigest()[:16],
+        }
+
+    def num_frames(self, num_samples: int) -> int:
+        return math.ceil(num_samples / self.samples_per_frame)
+
+    @torch.inference_mode()
+    def encode(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """Encode mono clips at `sample_rate` in one batch; returns int16-safe [frames, K] arrays."""
+        if not clips:
+            return []
+        frames = [self.num_frames(len(c)) for c in clips]
+        width = max(frames) * self.samples_per_frame
+        batch = np.zeros((len(clips), 1, width), dtype=np.float32)
+        for i, clip in enumerate(clips):
+            batch[i, 0, : len(clip)] = clip
+        x = torch.from_numpy(batch).to(self.device)
+        codes = self.model.encode(x, num_quantizers=self.num_codebooks).audio_codes  # [B, K, F]
+        codes = codes.transpose(1, 2).cpu().numpy()
+        return [codes[i, :n].astype(np.int16) for i, n in enumerate(frames)]
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """[frames, K] codes -> mono float32 audio of frames * samples_per_frame samples."""
+        codes = np.asarray(codes)
+        t = torch.from_numpy(codes.astype(np.int64).T[None]).to(self.device)  # [1, K, F]
+        audio = self.model.decode(t).audio_values  # [1, 1, samples]
+        return audio[0, 0].float().cpu().numpy()
