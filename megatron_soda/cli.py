@@ -148,17 +148,81 @@ def _cmd_bench(a) -> None:
             Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="loss curves of a training run as a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="default: RUN_DIR/loss.png")
+
+
+def _cmd_plot(a) -> None:
+    from megatron_soda.plots import ascii_curve, plot_loss
+
+    print(ascii_curve(a.run_dir))
+    print(f"plot: {plot_loss(a.run_dir, a.out)}")
+
+
 COMMANDS = {
     "corpus": (_add_corpus, _cmd_corpus),
     "tokenizer": (_add_tokenizer, _cmd_tokenizer),
     "prepare": (_add_prepare, _cmd_prepare),
     "inspect": (_add_inspect, _cmd_inspect),
     "bench": (_add_bench, _cmd_bench),
+    "plot": (_add_plot, _cmd_plot),
 }
 
 
+def train_command(argv: list[str]) -> int:
+    """`soda train [--nproc N] --config ... [--section.key value ...]`.
+
+    --nproc N spawns N local ranks through torchrun; under SLURM or an outer torchrun (RANK or
+    SLURM_PROCID set) the existing environment is used and this process is one rank.
+    """
+    import os
+    import subprocess
+
+    nproc = 1
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--nproc":
+            if i + 1 >= len(argv) or not argv[i + 1].isdigit():
+                print("soda train: error: --nproc takes a number of local processes", file=sys.stderr)
+                return 2
+            nproc, i = int(argv[i + 1]), i + 2
+        elif argv[i].startswith("--nproc="):
+            nproc, i = int(argv[i].split("=", 1)[1]), i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if nproc > 1 and not launched:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one host share its cores
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "megatron_soda.train",
+            *rest,
+        ]
+        return subprocess.call(cmd)
+    from megatron_soda.train import main as train_main
+
+    return train_main(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="soda", description="megatron-soda: SODA audio foundation models")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        return train_command(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="soda",
+        description="megatron-soda: SODA audio foundation models",
+        epilog="soda train --config configs/<preset>.yaml [--nproc N] "
+        "[--section.key value ...]: train (see `soda train --help`)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)

@@ -155,6 +155,7 @@ class ShardSet:
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # shard-set directories (outputs of `soda prepare`)
+    val_paths: list[str] = field(default_factory=list)  # held-out shard sets for validation loss
     weights: list[float] | None = None  # sampling weights per path; default: proportional to size
     seed: int = 1234
     num_workers: int = 2

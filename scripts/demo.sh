@@ -20,3 +20,19 @@ echo "== 4. decode a few samples back"
 $SODA inspect $OUT/shards --samples 3 --chars 400
 echo
 echo "shards: $OUT/shards (index.json, skipped.jsonl); loader speed: .venv/bin/soda bench loader"
+
+echo
+echo "== 5. train the tiny SODA model on CPU with TP=2 (megatron-core on gloo), 200 steps"
+$SODA prepare --input data/tiny/manifest.jsonl --input data/tiny/text --output $OUT/shards-256 \
+  --tokenizer $OUT/tokenizer --codec random:0 --seq-len 256 --files-per-shard 32 --no-progress > /dev/null
+$SODA train --nproc 2 --config configs/tiny.yaml --device cpu --run-dir $OUT/run \
+  --parallel.tp 2 --data.paths "[$OUT/shards-256]" --train.steps 200 --train.global_batch_size 4 \
+  --train.eval_interval 50 --data.val_paths "[$OUT/shards-256]" --optim.lr 1e-2
+
+echo
+echo "== 6. the loss curve"
+$SODA plot $OUT/run
+echo
+echo "checkpoints: $OUT/run/checkpoints (latest: $(cat $OUT/run/checkpoints/latest))"
+echo "TensorBoard: .venv/bin/tensorboard --logdir $OUT/run/tensorboard; metrics: $OUT/run/metrics.jsonl"
+echo "(run again to resume: it continues from the latest checkpoint; delete $OUT/run to start over)"

@@ -1,0 +1,166 @@
+"""Checkpoints through megatron-core dist_checkpointing: sharded, loadable under another TP/PP/DP.
+
+Layout of a run directory's `checkpoints/`:
+  iter_0000100/     a complete checkpoint (model, optimizer, scheduler, data position, RNG, config)
+  .iter_0000200.tmp a save in progress (or one a crash interrupted: ignored, removed later)
+  latest            the name of the newest complete checkpoint
+
+A save writes the hidden directory, waits for every rank, renames it and only then points
+`latest` at it, so a crash at any moment leaves the previous checkpoint intact and found.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    root = ckpt_root(run_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def _layout() -> tuple[int, int, int]:
+    return (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+
+
+def _rng_object() -> ShardedObject:
+    pp, tp, dp = _layout()
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state["tracker"] = get_cuda_rng_tracker().get_states()
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, (pp, tp, dp), offset, replica_id=0)
+
+
+def _model_sd(chunks) -> dict:
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def sharded_state(chunks, optimizer, is_loading: bool, with_rng: bool) -> dict:
+    model_sd = _model_sd(chunks)
+    state = dict(model_sd)
+    if optimizer is not None:  # it finds its params' shards by walking the nested model dicts
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
+    if with_rng:
+        state["rng_state"] = _rng_object()
+    return state
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep_last: int, async_save: bool) -> None:
+        self.root = ckpt_root(run_dir)
+        self.keep_last = keep_last
+        self.async_queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+
+    def save(self, step: int, chunks, optimizer, common: dict) -> Path:
+        self.poll(blocking=True)  # one save at a time: the previous one is finalized first
+        final = self.root / f"iter_{step:07d}"
+        tmp = self.root / f".iter_{step:07d}.tmp"
+        if dist.get_rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        dist.barrier()
+        state = sharded_state(chunks, optimizer, is_loading=False, with_rng=True)
+        state["common"] = dict(common, layout=_layout())
+
+        def finalize() -> None:
+            dist.barrier()
+            if dist.get_rank() == 0:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                pointer = self.root / ".latest.tmp"
+                pointer.write_text(final.name)
+                os.replace(pointer, self.root / "latest")
+                self._prune()
+            dist.barrier()
+
+        if self.async_queue is None:
+            dist_checkpointing.save(state, str(tmp))
+            finalize()
+        else:
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            request.add_finalize_fn(finalize)
+            self.async_queue.schedule_async_request(request)
+        return final
+
+    def poll(self, blocking: bool = False) -> None:
+        """Finish async saves that are done (all ranks call this at the same points)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".iter_*.tmp"):  # saves a crash interrupted; none is in flight now
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def load(path: Path, chunks, optimizer) -> dict:
+    """Restore model and optimizer (and RNG when the layout is unchanged); returns the common state."""
+    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    same_layout = tuple(common.get("layout", ())) == _layout()
+    request = sharded_state(chunks, optimizer, is_loading=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(request, str(path))
+    for i, c in enumerate(chunks):
+        c.load_state_dict(loaded[f"model{i}"], strict=True)
+    if optimizer is not None:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    if same_layout:
+        rng = loaded["rng_state"]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+    return common
+
+
+def load_weights(path: str | Path, chunks) -> None:
+    """Model weights only, from any layout's checkpoint (`checkpoint.init_from`)."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise RuntimeError(f"checkpoint.init_from: {path} is not a megatron-core distributed checkpoint")
+    loaded = dist_checkpointing.load(_model_sd(chunks), str(path))
+    for i, c in enumerate(chunks):
+        c.load_state_dict(loaded[f"model{i}"], strict=True)

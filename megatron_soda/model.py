@@ -1,0 +1,298 @@
+"""The SODA decoder: a Qwen3-style megatron-core GPTModel (RMSNorm, SwiGLU, GQA, RoPE, QK-norm, no biases).
+
+Two layer implementations, picked once here and logged: Transformer Engine's spec when TE is
+installed and a GPU runs, else megatron-core's local spec with torch SDPA as core attention
+(flash-attn's kernel when installed, on GPU). The word embedding goes through `SodaEmbedding`, the
+one seam where the fused codec-embedding kernel plugs in.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_soda.config import ModelConfig, ParallelConfig
+
+log = logging.getLogger("soda")
+
+
+# --- parameter counts, as the paper counts them -------------------------------------------------
+
+
+def param_counts(m: ModelConfig) -> dict[str, int]:
+    """non_embedding, embedding (one V x d matrix, real vocab), label (= non_embedding + one
+    embedding: the paper's size names), total (both matrices unless tied)."""
+    d, hd = m.hidden_size, m.head_dim
+    attn = d * hd * (m.num_attention_heads + 2 * m.num_query_groups) + m.num_attention_heads * hd * d
+    mlp = 3 * d * m.ffn_hidden_size
+    norms = 2 * d + 2 * hd
+    non_embedding = m.num_layers * (attn + mlp + norms) + d
+    embedding = m.vocab_size * d
+    total = non_embedding + embedding * (1 if m.tie_embeddings else 2)
+    return {"non_embedding": non_embedding, "embedding": embedding, "label": non_embedding + embedding, "total": total}
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+class SodaRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm that megatron-core's sequence parallelism accepts: its weight is marked so that
+    its gradient is all-reduced over TP (megatron's own torch-norm wrapper refuses SP)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func
+    except ImportError:
+        return None
+
+
+class SDPAttention(MegatronModule):
+    """Causal core attention through torch SDPA (flash / cuDNN / memory-efficient kernels on GPU,
+    the math kernel on CPU), or flash-attn's kernel when installed and asked for."""
+
+    use_flash_attn = False  # set once by `build_model`
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **_,
+    ) -> None:
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError("SODA attention is causal")
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.scale = softmax_scale
+
+    def forward(
+        self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
+        # megatron layout [s, b, heads, head_dim]
+        p = self.dropout if self.training else 0.0
+        if self.use_flash_attn and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+            q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
+            out = _flash_attn()(q, k, v, dropout_p=p, softmax_scale=self.scale, causal=True)
+            out = out.transpose(0, 1)
+        else:
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+            gqa = q.shape[1] != k.shape[1]
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            out = out.permute(2, 0, 1, 3)
+        s, b = out.shape[:2]
+        return out.reshape(s, b, -1)
+
+
+class SodaEmbedding(VocabParallelEmbedding):
+    """The embedding seam: same parameters and checkpoint layout as megatron-core's vocab-parallel
+    embedding; `impl` picks the lookup (torch reference, or the fused Triton kernel)."""
+
+    impl = "torch"
+
+    def forward(self, input_):
+        if self.impl == "triton":
+            from kernels.codec_embedding import vocab_parallel_embedding  # the kernels issue provides it
+
+            return vocab_parallel_embedding(self, input_)
+        return super().forward(input_)
+
+
+def transformer_config(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cpu: bool) -> TransformerConfig:
+    recompute = {}
+    if p.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif p.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    std = m.init_std
+
+    def init_method(w):
+        return torch.nn.init.normal_(w, mean=0.0, std=std)
+
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        qk_layernorm=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method=init_method,
+        output_layer_init_method=init_method,  # SODA/Levanter: every matrix N(0, 0.02), no depth scaling
+        init_method_std=std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=torch.float32,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        calculate_per_token_loss=True,  # the loss is a mean over all tokens of the global batch
+        batch_p2p_comm=p.vpp == 1,  # interleaved PP=2 with batched p2p is silently wrong (Megatron-LM #750)
+        use_cpu_initialization=cpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=not cpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=not cpu,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        **recompute,
+    )
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def layer_impl(m: ModelConfig, cuda: bool) -> str:
+    if m.transformer_impl == "transformer_engine":
+        if not (_have_te() and cuda):
+            raise RuntimeError("model.transformer_impl transformer_engine needs Transformer Engine and a GPU")
+        return "transformer_engine"
+    if m.transformer_impl == "auto" and _have_te() and cuda:
+        return "transformer_engine"
+    return "local"
+
+
+def _local_block_spec(config: TransformerConfig, vp_stage: int | None) -> ModuleSpec:
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    layer = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    sub = layer.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = SodaRMSNorm
+    attn = sub.self_attention.submodules
+    attn.core_attention = SDPAttention
+    attn.q_layernorm = attn.k_layernorm = SodaRMSNorm
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(
+        module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SodaRMSNorm)
+    )
+
+
+def build_model(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cuda: bool) -> tuple[list[GPTModel], str]:
+    """This rank's model chunks (one, or `vpp` for the interleaved schedule) and the layer path used."""
+    config = transformer_config(m, p, dtype, cpu=not cuda)
+    impl = layer_impl(m, cuda)
+    if impl == "local":
+        want_flash = m.attention_backend in ("auto", "flash_attn")
+        SDPAttention.use_flash_attn = want_flash and cuda and _flash_attn() is not None
+        if m.attention_backend == "flash_attn" and not SDPAttention.use_flash_attn:
+            raise RuntimeError("model.attention_backend flash_attn needs flash-attn and a GPU")
+        path = "local spec, " + ("flash-attn" if SDPAttention.use_flash_attn else "torch SDPA") + " attention"
+    else:
+        path = "Transformer Engine spec"
+    SodaEmbedding.impl = m.embedding_impl
+    chunks = []
+    stages = range(p.vpp) if p.vpp > 1 else [None]
+    for v in stages:
+        first = ps.is_pipeline_first_stage(ignore_virtual=v is None, vp_stage=v)
+        last = ps.is_pipeline_last_stage(ignore_virtual=v is None, vp_stage=v)
+        if impl == "local":
+            spec = _local_block_spec(config, v)
+        else:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+            spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=m.padded_vocab_size,
+            max_sequence_length=1 << 20,  # RoPE: positions are computed, not learned
+            pre_process=first,
+            post_process=last,
+            share_embeddings_and_output_weights=m.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(m.rope_theta),
+            rope_scaling=m.rope_llama3_scaling,
+            rope_scaling_factor=m.rope_scaling_factor,
+            **({} if v is None else {"vp_stage": v}),
+        )
+        if first:
+            _swap_embedding(model)
+        if cuda:
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks, path
+
+
+def _swap_embedding(model: GPTModel) -> None:
+    """Re-class megatron's VocabParallelEmbedding in place: parameters, init and checkpoint keys stay."""
+    emb = model.embedding.word_embeddings
+    if type(emb) is not VocabParallelEmbedding:
+        raise TypeError(f"unexpected embedding class {type(emb).__name__}")
+    emb.__class__ = SodaEmbedding
+
+
+def flops_per_token(m: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token = 3 x forward (backward = 2 x forward).
+
+    Forward: 2 x every matmul weight (QKV, attention output, SwiGLU's three, LM head over the real
+    vocabulary) plus attention scores and values, 2 x 2 x seq x (heads x head_dim) per layer, counted
+    over the full (not causally halved) score matrix as PaLM, torchtitan and Levanter (the paper's
+    IsoFLOP accounting) do. The embedding lookup is free. Activation recomputation is not counted
+    (MFU counts useful work).
+    """
+    d, hd, L = m.hidden_size, m.head_dim, m.num_layers
+    attn_proj = d * hd * (m.num_attention_heads + 2 * m.num_query_groups) + m.num_attention_heads * hd * d
+    mlp = 3 * d * m.ffn_hidden_size
+    matmul = L * (attn_proj + mlp) + d * m.vocab_size
+    attn_scores = L * 2 * 2 * seq_length * m.num_attention_heads * hd
+    return 3.0 * (2.0 * matmul + attn_scores)
+
+
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "L40S": 362.0}
+
+
+def peak_tflops(override: float) -> float | None:
+    if override > 0:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
+
+
+def local_vocab_range(m: ModelConfig) -> tuple[int, int]:
+    """[start, end) of this TP rank's rows of the (padded) vocabulary."""
+    per = m.padded_vocab_size // ps.get_tensor_model_parallel_world_size()
+    start = per * ps.get_tensor_model_parallel_rank()
+    return start, start + per
+
+
+def count_local_parameters(chunks: list[torch.nn.Module]) -> int:
+    return sum(p.numel() for c in chunks for p in c.parameters())

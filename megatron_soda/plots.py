@@ -1,0 +1,57 @@
+"""Plots people look at: the loss curve of a run (from its metrics.jsonl) as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a `soda train` run directory?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    out = Path(out) if out else Path(run_dir) / "loss.png"
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="train loss (all tokens)")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean token NLL")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for key in sorted({k for r in rows for k in r if k.startswith("loss_")}):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax2.plot(*zip(*pts, strict=True), label=key[5:], lw=1)
+    ax2.set_xlabel("step")
+    ax2.set_title("per-modality loss")
+    ax2.legend(fontsize=7, ncol=2)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"{Path(run_dir).resolve()}: {len(rows)} logged steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def ascii_curve(run_dir: str | Path, points: int = 10) -> str:
+    rows = read_metrics(run_dir)
+    n = len(rows)
+    pick = [rows[i] for i in sorted({round(i * (n - 1) / max(points - 1, 1)) for i in range(points)})]
+    lo, hi = min(r["loss"] for r in rows), max(r["loss"] for r in rows)
+    lines = []
+    for r in pick:
+        bar = "#" * int(1 + 50 * (r["loss"] - lo) / max(hi - lo, 1e-9))
+        lines.append(f"step {r['step']:>5}  loss {r['loss']:7.4f}  {bar}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Run `soda train` as users do (torchrun for several ranks, CPU backend) and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+def train_cmd(run_dir: Path, shards: Path, nproc: int = 1, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "megatron_soda.cli",
+        "train",
+        "--nproc",
+        str(nproc),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--device",
+        "cpu",
+        "--data.paths",
+        f"[{shards}]",
+        "--data.num_workers",
+        "0",
+        *overrides,
+    ]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", SODA_GLOO_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
+
+
+def run_train(run_dir: Path, shards: Path, nproc: int = 1, *overrides: str, check: bool = True):
+    r = subprocess.run(
+        train_cmd(run_dir, shards, nproc, *overrides),
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=TIMEOUT_S,
+        cwd=ROOT,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"soda train failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return r
+
+
+def run_until_signal(run_dir: Path, shards: Path, after_steps: int, *overrides: str):
+    """Start a single-process run, SIGTERM it once `after_steps` steps are logged, wait for it."""
+    proc = subprocess.Popen(
+        train_cmd(run_dir, shards, 1, *overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+    )
+    deadline = time.time() + TIMEOUT_S
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= after_steps:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    return proc.returncode, out, err
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run_dir)]
