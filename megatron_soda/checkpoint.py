@@ -132,9 +132,55 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give an optimizer that has not stepped yet its state tensors (zeros), which the distributed
+    optimizer needs before it can describe what to load: one Adam step with zero gradients at
+    lr = weight decay = 0, so no parameter moves; the loaded state then replaces it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if inner.state:
+            continue
+        saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for g, (lr, wd) in zip(inner.param_groups, saved, strict=True):
+            g["lr"], g["weight_decay"] = lr, wd
+
+
+def _steps_in(tree) -> set[int]:
+    if isinstance(tree, dict):
+        found = {int(g["step"]) for g in tree.get("param_groups", []) if isinstance(g, dict) and "step" in g}
+        for v in tree.values():
+            found |= _steps_in(v)
+        return found
+    if isinstance(tree, (list, tuple)):
+        return set().union(*(_steps_in(v) for v in tree)) if tree else set()
+    return set()
+
+
+def _restore_adam_step(optimizer, loaded_state) -> None:
+    """megatron-core 0.16's distributed optimizer, on torch's Adam (no apex/TE: every CPU run), loads
+    exp_avg / exp_avg_sq but leaves Adam's per-parameter 'step' at its pre-load value, which changes
+    the bias correction of every later update. The checkpoint keeps the step in its param groups."""
+    steps = _steps_in(loaded_state)
+    if len(steps) != 1:
+        return
+    (step,) = steps
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)
+
+
 def load(path: Path, chunks, optimizer) -> dict:
     """Restore model and optimizer (and RNG when the layout is unchanged); returns the common state."""
     common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
     same_layout = tuple(common.get("layout", ())) == _layout()
     request = sharded_state(chunks, optimizer, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(request, str(path))
@@ -143,6 +189,7 @@ def load(path: Path, chunks, optimizer) -> dict:
     if optimizer is not None:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_step(optimizer, loaded["optimizer"])
     if same_layout:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])

@@ -152,7 +152,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cp
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
         sequence_parallel=p.sequence_parallel,
-        params_dtype=torch.float32,
+        params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=False,

@@ -135,7 +135,7 @@ def wrap_model(cfg: SodaConfig, device: str) -> Trainer:
         adam_eps=o.eps,
         clip_grad=o.clip_grad,
         bf16=dtype == torch.bfloat16,
-        params_dtype=torch.float32,
+        params_dtype=dtype,  # bf16 model weights, fp32 main copies in the optimizer
         use_distributed_optimizer=p.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, chunks)

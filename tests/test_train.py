@@ -41,7 +41,11 @@ LAYOUTS = {
     "tp2": (2, ["--parallel.tp", "2"]),
     "pp2": (2, ["--parallel.pp", "2"]),
     "dp2": (2, []),
-    "dp2_distributed_optimizer": (2, ["--parallel.distributed_optimizer", "true"]),
+    "dp2_distributed_optimizer_overlap": (
+        2,
+        ["--parallel.distributed_optimizer", "true", "--parallel.overlap_grad_reduce", "true"],
+    ),
+    "tp2_recompute_selective": (2, ["--parallel.tp", "2", "--parallel.recompute", "selective"]),
     "tp2_pp2": (4, ["--parallel.tp", "2", "--parallel.pp", "2"]),
     "tp2_pp2_interleaved_sp": (
         4,
@@ -113,6 +117,18 @@ def test_resume_is_bitwise_identical(prepared, straight, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise on CPU
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
     assert [r["consumed_samples"] for r in a] == [r["consumed_samples"] for r in b]
+
+
+def test_resume_under_another_dp_degree_with_distributed_optimizer_and_async_save(prepared, straight, tmp_path):
+    """DP=2 (ZeRO-1, async checkpoint) for 3 steps, then DP=1 for the rest: same samples in the same
+    order, and the losses of the uninterrupted single-process run within fp32 tolerance."""
+    run = tmp_path / "run"
+    common = ("--train.steps", "6", "--parallel.distributed_optimizer", "true", "--checkpoint.async_save", "true")
+    run_train(run, prepared, 2, *common, "--train.exit_interval", "3")
+    run_train(run, prepared, 1, *common)
+    a, b = metrics(straight), metrics(run)
+    assert [r["consumed_samples"] for r in a] == [r["consumed_samples"] for r in b]
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) < TOL
 
 
 def test_sigterm_saves_and_resume_continues_exactly(prepared, straight, tmp_path):
