@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print("soda: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
+        if os.environ.get("SODA_DEBUG"):  # the full traceback, for bug reports
+            raise
         print(f"soda {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

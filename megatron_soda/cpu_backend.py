@@ -113,7 +113,3 @@ def enable() -> None:
 
     torch.Tensor.type = tensor_type
     _ENABLED = True
-
-
-def is_enabled() -> bool:
-    return _ENABLED

@@ -8,8 +8,6 @@ one seam where the fused codec-embedding kernel plugs in.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -23,9 +21,6 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_soda.config import ModelConfig, ParallelConfig
-
-log = logging.getLogger("soda")
-
 
 # --- parameter counts, as the paper counts them -------------------------------------------------
 
@@ -292,7 +287,3 @@ def local_vocab_range(m: ModelConfig) -> tuple[int, int]:
     per = m.padded_vocab_size // ps.get_tensor_model_parallel_world_size()
     start = per * ps.get_tensor_model_parallel_rank()
     return start, start + per
-
-
-def count_local_parameters(chunks: list[torch.nn.Module]) -> int:
-    return sum(p.numel() for c in chunks for p in c.parameters())
