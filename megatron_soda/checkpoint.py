@@ -201,13 +201,26 @@ def load(path: Path, chunks, optimizer) -> dict:
     return common
 
 
-def load_weights(path: str | Path, chunks) -> None:
-    """Model weights only, from any layout's checkpoint (`checkpoint.init_from`)."""
+def resolve(path: str | Path) -> Path:
+    """A run directory, its checkpoints/ directory or one iter_* directory -> that checkpoint."""
     path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     if not (path / "metadata.json").is_file():
-        raise RuntimeError(f"checkpoint.init_from: {path} is not a megatron-core distributed checkpoint")
+        raise RuntimeError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
+    return path
+
+
+def common_state(path: str | Path) -> dict:
+    """The non-tensor part of a checkpoint (step, config, data position, layout), read by one process."""
+    return dist_checkpointing.load_common_state_dict(str(resolve(path)))["common"]
+
+
+def load_weights(path: str | Path, chunks) -> None:
+    """Model weights only, from any layout's checkpoint (`checkpoint.init_from`)."""
+    path = resolve(path)
     loaded = dist_checkpointing.load(_model_sd(chunks), str(path))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded[f"model{i}"], strict=True)

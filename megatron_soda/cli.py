@@ -117,16 +117,70 @@ def _cmd_prepare(a) -> None:
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="summarize a shard set and decode a few samples back to text")
-    p.add_argument("shards")
+    p = sub.add_parser("inspect", help="a shard set (decode a few samples) or a checkpoint (config, shapes)")
+    p.add_argument("path", help="a `soda prepare` output, or a run dir / checkpoint")
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--chars", type=int, default=300, help="characters of each decoded sample to print")
 
 
 def _cmd_inspect(a) -> None:
-    from megatron_soda.inspect_shards import inspect
+    if (Path(a.path) / "index.json").is_file():
+        from megatron_soda.inspect_shards import inspect
 
-    inspect(a.shards, a.samples, a.chars)
+        inspect(a.path, a.samples, a.chars)
+    else:
+        from checkpoints_tools.inspect_checkpoint import inspect_checkpoint
+
+        inspect_checkpoint(a.path)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export-hf", help="megatron checkpoint (any layout) -> Hugging Face Qwen3 folder")
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ or one iter_* directory")
+    p.add_argument("out")
+    p.add_argument("--tokenizer", help="SODA tokenizer to include (default: the training shards' copy)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--verify", action="store_true", help="compare logits and greedy output with transformers")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _cmd_export(a) -> None:
+    from checkpoints_tools.hf_export import export_hf
+
+    report = export_hf(a.checkpoint, a.out, a.tokenizer, a.dtype, a.verify, a.max_shard_gb, a.force)
+    print(
+        f"exported {report['checkpoint']} (step {report['step']}) -> {a.out}"
+        + ("" if report["tokenizer"] else " (no tokenizer found: pass --tokenizer)")
+    )
+    if "verify" in report:
+        v = report["verify"]
+        print(
+            f"verify: max |logit diff| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:g}, logits up to "
+            f"{v['logit_scale']:.2f}), greedy 20 tokens identical: {v['greedy_identical']}"
+        )
+        Path(a.out, "export_verify.json").write_text(json.dumps(v, indent=1))
+        if not v["ok"]:
+            raise RuntimeError("export verification failed: the Hugging Face model does not reproduce ours")
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import-hf", help="Hugging Face Qwen3 folder -> megatron checkpoint (init_from)")
+    p.add_argument("hf_dir")
+    p.add_argument("out", help="a run directory; its checkpoints/ is what --checkpoint.init_from takes")
+    p.add_argument("--tokenizer", help="resize the vocabulary to this SODA tokenizer's layout")
+    p.add_argument("--seed", type=int, default=0, help="for the new vocabulary rows")
+    p.add_argument("--force", action="store_true")
+
+
+def _cmd_import(a) -> None:
+    from checkpoints_tools.hf_import import import_hf
+
+    r = import_hf(a.hf_dir, a.out, a.tokenizer, a.seed, a.force)
+    resized = f" (vocabulary {r['resized_from']} -> {r['vocab']})" if r["vocab"] != r["resized_from"] else ""
+    print(
+        f"imported {a.hf_dir} -> {r['checkpoint']}{resized}; train from it with --checkpoint.init_from {r['checkpoint']}"
+    )
 
 
 def _add_bench(sub) -> None:
@@ -169,6 +223,8 @@ COMMANDS = {
     "inspect": (_add_inspect, _cmd_inspect),
     "bench": (_add_bench, _cmd_bench),
     "plot": (_add_plot, _cmd_plot),
+    "export-hf": (_add_export, _cmd_export),
+    "import-hf": (_add_import, _cmd_import),
 }
 
 
@@ -228,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     for add, _ in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
+    import warnings
+
+    # megatron-core warns at import about missing TE/apex (the CPU fallback is intended here)
+    warnings.filterwarnings("ignore", module=r"megatron\.core.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         COMMANDS[args.command][1](args)
     except KeyboardInterrupt:

@@ -187,6 +187,13 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def config_from_dict(values: dict) -> SodaConfig:
+    """A config saved with a checkpoint (`SodaConfig.to_dict()`) back to its dataclasses."""
+    cfg = SodaConfig()
+    _fill(cfg, values, "")
+    return cfg
+
+
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> SodaConfig:
     cfg = SodaConfig()
     if path:

@@ -61,8 +61,6 @@ def enable() -> None:
     global _ENABLED
     if _ENABLED:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("the CPU backend is for machines without a GPU (or --device cpu on a CPU-only torch build)")
     check_symbols()
     import megatron.core.optimizer.optimizer as mopt
     from megatron.core.tensor_parallel import random as mrandom

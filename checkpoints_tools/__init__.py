@@ -1,0 +1,1 @@
+"""Checkpoint tools: Hugging Face export and import, inspection (resharding is done on load)."""

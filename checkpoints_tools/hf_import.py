@@ -1,0 +1,104 @@
+"""`soda import-hf`: a Hugging Face Qwen3 folder (or an exported SODA model) -> a megatron-core checkpoint.
+
+The result is a weights-only distributed checkpoint plus its config, which `soda train
+--checkpoint.init_from DIR` starts from under any TP/PP (dist_checkpointing reshards on load).
+With `--tokenizer` (a SODA tokenizer) the vocabulary is resized to that layout: the text rows are
+kept and the new delimiter and audio rows drawn from N(0, init_std) with a fixed seed, as the
+paper's warm-start runs (Qwen3 + random audio embeddings) did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from checkpoints_tools.qwen3_mapping import from_hf, model_config_from_hf
+from megatron_soda.config import SodaConfig, save_config
+
+
+def _tensor_source(folder: Path):
+    """name -> tensor, reading one safetensors file at a time (no full copy of the model in memory)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or {index.name}")
+    handles = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in weight_map:
+            raise KeyError(f"{folder}: tensor {name} missing (not a Qwen3 checkpoint?)")
+        fname = weight_map[name]
+        if fname not in handles:
+            path = folder / fname
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard named in the index is missing")
+            handles[fname] = safe_open(str(path), "pt")
+        return handles[fname].get_tensor(name)
+
+    return get
+
+
+def import_hf(hf_dir: str, out_run: str, tokenizer: str | None = None, seed: int = 0, force: bool = False) -> dict:
+    from transformers import AutoConfig
+
+    from checkpoints_tools.session import build_full_model, single_process
+    from megatron_soda.checkpoint import Checkpointer
+    from tokenization.text_tokenizer import load_soda_tokenizer
+
+    src = Path(hf_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: no config.json (expected a Hugging Face model folder)")
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    if model_type != "qwen3":
+        raise ValueError(f"{src}: expected a Qwen3 checkpoint (model_type 'qwen3'), got {model_type!r}")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(src))
+    except Exception as e:  # transformers validates the config with its own exception types
+        raise ValueError(f"{src}/config.json: {str(e).strip().splitlines()[-1]}") from None
+    m = model_config_from_hf(hf_cfg)
+    hf_vocab = m.vocab_size
+    if tokenizer:
+        _, layout = load_soda_tokenizer(tokenizer)
+        if layout.text_vocab_size > hf_vocab:
+            raise ValueError(f"tokenizer {tokenizer} has {layout.text_vocab_size} text ids, the model only {hf_vocab}")
+        m.vocab_size = layout.vocab_size
+    out = Path(out_run)
+    if (out / "checkpoints").exists() and not force:
+        raise FileExistsError(f"{out}/checkpoints exists (pass --force to replace it)")
+    get = _tensor_source(src)
+    gen = torch.Generator().manual_seed(seed)
+
+    def new_rows(n: int, d: int) -> torch.Tensor:
+        return torch.randn(n, d, generator=gen) * m.init_std
+
+    cfg = SodaConfig(model=m)
+    cfg.run_dir = str(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with single_process():
+        model = build_full_model(m)
+        state = from_hf(get, m, m.padded_vocab_size, hf_vocab, new_rows)
+        missing = set(model.state_dict()) - set(state) - {k for k in model.state_dict() if k.endswith("_extra_state")}
+        if missing:
+            raise RuntimeError(f"conversion left parameters unset: {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(state[name])
+        common = {"step": 0, "config": cfg.to_dict(), "imported_from": str(src.resolve())}
+        Checkpointer(tmp, keep_last=1, async_save=False).save(0, [model], None, common)
+    save_config(cfg, tmp / "config.yaml")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {"checkpoint": str(out / "checkpoints"), "vocab": m.vocab_size, "resized_from": hf_vocab}

@@ -1,0 +1,182 @@
+"""Hugging Face export / import: proven by logits and greedy generation against transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.launch import ROOT, env, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def soda(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(env(), HF_HUB_OFFLINE="1"),
+        cwd=ROOT,
+        timeout=300,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"soda {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def digests(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """The tiny model trained 3 steps at TP=2 x PP=2 on the CPU backend."""
+    run = tmp_path_factory.mktemp("hf") / "run"
+    run_train(run, prepared, 4, "--train.steps", "3", "--parallel.tp", "2", "--parallel.pp", "2")
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "hf"
+    r = soda("export-hf", str(trained), str(out), "--verify")
+    assert "greedy 20 tokens identical: True" in r.stdout, r.stdout
+    return out
+
+
+def test_export_matches_our_model_and_loads_offline(exported, prepared):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    v = json.loads((exported / "export_verify.json").read_text())
+    assert v["ok"] and v["max_abs_logit_diff"] <= 1e-5 and v["greedy_identical"]  # goal: <= 1e-5 in fp32
+    cfg = json.loads((exported / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["tie_word_embeddings"] is False
+    assert cfg["rope_parameters"]["rope_type"] == "llama3" and cfg["rope_parameters"]["rope_theta"] == 500000.0
+    tok = AutoTokenizer.from_pretrained(str(exported))
+    model = AutoModelForCausalLM.from_pretrained(str(exported))
+    assert model.model.embed_tokens.weight.shape[0] == cfg["vocab_size"] == len(tok)  # padding rows dropped
+    from tokenization.text_tokenizer import layout_of
+
+    layout = layout_of(tok)
+    codes = torch.randint(0, 2048, (5, 8)).numpy()
+    ids = tok.encode("<|audio_start|>" + layout.codes_to_str(codes) + "<|audio_end|>", add_special_tokens=False)
+    assert ids[1:-1] == layout.codes_to_ids(codes).tolist()
+    assert (exported / "generation_config.json").is_file() and "tokens seen" in (exported / "README.md").read_text()
+
+
+def test_export_import_export_is_byte_identical(exported, tmp_path):
+    soda("import-hf", str(exported), str(tmp_path / "run"))
+    soda("export-hf", str(tmp_path / "run"), str(tmp_path / "again"), "--tokenizer", str(exported))
+    assert digests(exported) == digests(tmp_path / "again") and digests(exported)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_transformers_qwen3_imports_and_exports_with_the_same_logits(tie, tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = Qwen3ForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = torch.randint(0, 300, (2, 16))
+    model(batch, labels=batch).loss.backward()
+    opt.step()  # one real training step in transformers
+    model.save_pretrained(str(tmp_path / "qwen3"))
+    soda("import-hf", str(tmp_path / "qwen3"), str(tmp_path / "run"))
+    soda("export-hf", str(tmp_path / "run"), str(tmp_path / "back"))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
+    tokens = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        diff = (model.eval()(tokens).logits - back(tokens).logits).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_import_resized_to_the_soda_layout_trains(prepared, exported, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tokenization.text_tokenizer import load_soda_tokenizer
+
+    tok_dir = prepared / "tokenizer"
+    _, layout = load_soda_tokenizer(str(tok_dir))
+    cfg = Qwen3Config(
+        vocab_size=layout.text_vocab_size + 10,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    text_model = Qwen3ForCausalLM(cfg)
+    text_model.save_pretrained(str(tmp_path / "text_llm"))
+    r = soda("import-hf", str(tmp_path / "text_llm"), str(tmp_path / "warm"), "--tokenizer", str(tok_dir))
+    assert f"-> {layout.vocab_size}" in r.stdout
+    soda("export-hf", str(tmp_path / "warm"), str(tmp_path / "warm_hf"), "--tokenizer", str(tok_dir))
+    from safetensors.torch import load_file
+
+    emb = load_file(str(tmp_path / "warm_hf" / "model.safetensors"))["model.embed_tokens.weight"]
+    assert emb.shape[0] == layout.vocab_size
+    assert torch.equal(emb[: layout.text_vocab_size], text_model.model.embed_tokens.weight[: layout.text_vocab_size])
+    # a warm start: training begins from the imported weights
+    run_train(
+        tmp_path / "ft",
+        prepared,
+        1,
+        "--train.steps",
+        "2",
+        "--checkpoint.init_from",
+        str(tmp_path / "warm"),
+        "--model.rope_llama3_scaling",
+        "false",
+        "--model.rope_theta",
+        "10000",
+        "--model.norm_eps",
+        "1e-6",
+    )
+
+
+def test_bad_inputs_are_one_line_errors_and_leave_nothing_behind(trained, tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    r = soda("import-hf", str(tmp_path / "llama"), str(tmp_path / "x"), check=False)
+    assert r.returncode == 2 and "expected a Qwen3 checkpoint" in r.stderr and r.stderr.strip().count("\n") == 0
+
+    broken = tmp_path / "broken"
+    ckpt = trained / "checkpoints" / (trained / "checkpoints" / "latest").read_text().strip()
+    import shutil
+
+    shutil.copytree(ckpt, broken)
+    next(broken.glob("*.distcp")).unlink()  # a missing shard
+    r = soda("export-hf", str(broken), str(tmp_path / "out"), check=False)
+    assert r.returncode != 0 and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+    r = soda("export-hf", str(tmp_path / "nothing"), str(tmp_path / "out2"), check=False)
+    assert r.returncode == 2 and "not a megatron-core distributed checkpoint" in r.stderr
+
+    os.makedirs(tmp_path / "exists")
+    r = soda("export-hf", str(trained), str(tmp_path / "exists"), check=False)
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+def test_inspect_checkpoint(trained):
+    r = soda("inspect", str(trained))
+    assert "step 3, saved at TP 2 x PP 2 x DP 1" in r.stdout
+    assert "embedding.word_embeddings.weight" in r.stdout and "optimizer state: yes" in r.stdout
