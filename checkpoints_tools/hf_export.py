@@ -86,8 +86,8 @@ Exported by megatron-soda from `{source}` (step {common.get("step", 0)}, about {
 - Vocabulary: {m.vocab_size} ids: text tokens, then `<|text_start|> <|text_end|> <|audio_start|> <|audio_end|>`,
   then 8 x 2048 Mimi codes (codebook k, code c -> first audio id + k*2048 + c), frame-major; in strings code
   (k, c) is the character chr(0xE000 + k*2048 + c).
-- Training: {t.steps} steps planned, global batch {t.global_batch_size} x {t.seq_length} tokens, peak LR {cfg.optim.lr:g},
-  {cfg.optim.schedule} schedule, z-loss {cfg.optim.z_loss:g}.
+- Training: {t.steps} steps planned, global batch {t.global_batch_size} x {t.seq_length} tokens,
+  peak LR {cfg.optim.lr:g}, {cfg.optim.schedule} schedule, z-loss {cfg.optim.z_loss:g}.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -23,8 +23,9 @@ def inspect_checkpoint(path: str, show_tensors: int = 40) -> dict:
         seen = int(common.get("data", {}).get("consumed_samples", 0)) * cfg.train.seq_length
         counts = param_counts(m)
         print(
-            f"  model {m.name}: d {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads}/{m.num_query_groups} "
-            f"heads, head dim {m.head_dim}, MLP {m.ffn_hidden_size}, vocab {m.vocab_size} (padded {m.padded_vocab_size})"
+            f"  model {m.name}: d {m.hidden_size}, {m.num_layers} layers, "
+            f"{m.num_attention_heads}/{m.num_query_groups} heads, head dim {m.head_dim}, MLP {m.ffn_hidden_size}, "
+            f"vocab {m.vocab_size} (padded {m.padded_vocab_size})"
         )
         print(
             f"  parameters: {counts['non_embedding'] / 1e6:.2f}M non-embedding, {counts['label'] / 1e6:.2f}M "

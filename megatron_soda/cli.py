@@ -179,7 +179,8 @@ def _cmd_import(a) -> None:
     r = import_hf(a.hf_dir, a.out, a.tokenizer, a.seed, a.force)
     resized = f" (vocabulary {r['resized_from']} -> {r['vocab']})" if r["vocab"] != r["resized_from"] else ""
     print(
-        f"imported {a.hf_dir} -> {r['checkpoint']}{resized}; train from it with --checkpoint.init_from {r['checkpoint']}"
+        f"imported {a.hf_dir} -> {r['checkpoint']}{resized}; "
+        f"train from it with --checkpoint.init_from {r['checkpoint']}"
     )
 
 
