@@ -193,6 +193,13 @@ def _add_bench(sub) -> None:
     lp.add_argument("--micro-batch", type=int, default=8)
     lp.add_argument("--seconds", type=float, default=3.0)
     lp.add_argument("--json", help="also write the rows here")
+    kp = bsub.add_parser("kernels", help="fused embedding / linear+CE vs megatron-core and torch (fwd+bwd)")
+    kp.add_argument("--hidden", default="576,1024,2048,2560", help="comma list of hidden sizes")
+    kp.add_argument("--tokens", default="8192,32768", help="comma list of tokens per micro-batch")
+    kp.add_argument("--tp", type=int, default=1, help="vocab rows per rank = 144,644 / TP")
+    kp.add_argument("--vocab", type=int, default=None, help="override the vocabulary (small shapes on CPU)")
+    kp.add_argument("--reps", type=int, default=5)
+    kp.add_argument("--json", help="also write the rows here")
 
 
 def _cmd_bench(a) -> None:
@@ -200,8 +207,14 @@ def _cmd_bench(a) -> None:
         from megatron_soda.benchmarks.loader import run
 
         rows = run(a.shards, [int(w) for w in a.workers.split(",")], a.micro_batch, a.seconds)
-        if a.json:
-            Path(a.json).write_text(json.dumps(rows, indent=1))
+    else:
+        from megatron_soda.benchmarks.kernels import run as run_kernels
+
+        rows = run_kernels(
+            [int(x) for x in a.hidden.split(",")], [int(x) for x in a.tokens.split(",")], a.tp, a.reps, a.vocab
+        )
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
 def _add_plot(sub) -> None:

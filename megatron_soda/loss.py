@@ -40,6 +40,29 @@ def token_losses(
     return log_z - target, log_z
 
 
+def output_losses(
+    output: torch.Tensor, labels: torch.Tensor, m, vocab_start: int, weight_fn, sequence_parallel: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll, log_z) [b, s] from the last stage's output: logits (torch path) or, with the fused
+    output layer, hidden states that the fused kernel projects chunk by chunk."""
+    if m.output_impl != "fused":
+        return token_losses(output, labels, vocab_start, m.vocab_size)
+    from kernels.fused_ce import fused_linear_cross_entropy
+
+    b, s, h = output.shape
+    nll, log_z = fused_linear_cross_entropy(
+        output.reshape(b * s, h),
+        weight_fn(),
+        labels.reshape(-1),
+        vocab_start,
+        m.vocab_size,
+        chunk=m.ce_chunk_tokens,
+        group=ps.get_tensor_model_parallel_group(),
+        reduce_grad_input=not sequence_parallel,
+    )
+    return nll.view(b, s), log_z.view(b, s)
+
+
 def categories(labels: torch.Tensor, layout: SodaLayout) -> torch.Tensor:
     """Per-label category: 0 text, 1 delimiter, 2 + k audio codebook k."""
     audio = (labels >= layout.audio_offset) & (labels < layout.vocab_size)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -111,6 +111,33 @@ class SodaEmbedding(VocabParallelEmbedding):
 
             return vocab_parallel_embedding(self, input_)
         return super().forward(input_)
+
+
+class SodaOutputLayer(ColumnParallelLinear):
+    """The output seam. With the fused output (`defer_to_loss`), the projection moves into the loss
+    (kernels/fused_ce.py), which never materialises all logits: this layer then only gathers the
+    sequence under SP (whose backward reduce-scatters the partial input gradients) and hands the
+    hidden states on; without SP the fused op all-reduces its input gradient over TP itself."""
+
+    defer_to_loss = False
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if not self.defer_to_loss:
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(input_, group=self.tp_group), None
+        return input_, None
+
+
+def output_weight(model) -> torch.Tensor:
+    """The LM head of a (possibly DDP / Float16Module-wrapped) last-stage chunk."""
+    while hasattr(model, "module"):
+        model = model.module
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
 
 
 def transformer_config(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cpu: bool) -> TransformerConfig:
@@ -212,6 +239,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cuda: boo
     else:
         path = "Transformer Engine spec"
     SodaEmbedding.impl = m.embedding_impl
+    SodaOutputLayer.defer_to_loss = m.output_impl == "fused"
     chunks = []
     stages = range(p.vpp) if p.vpp > 1 else [None]
     for v in stages:
@@ -239,6 +267,10 @@ def build_model(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cuda: boo
         )
         if first:
             _swap_embedding(model)
+        if last:
+            if type(model.output_layer) is not ColumnParallelLinear:
+                raise TypeError(f"unexpected output layer class {type(model.output_layer).__name__}")
+            model.output_layer.__class__ = SodaOutputLayer
         if cuda:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

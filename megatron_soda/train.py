@@ -200,11 +200,10 @@ class StepStats:
 
 
 def make_forward_step(cfg: SodaConfig, layout, device: str, inject_nan: bool = False):
-    from megatron_soda.loss import loss_breakdown, token_losses
-    from megatron_soda.model import local_vocab_range
+    from megatron_soda.loss import loss_breakdown, output_losses
+    from megatron_soda.model import local_vocab_range, output_weight
 
     vocab_start, _ = local_vocab_range(cfg.model)
-    real_vocab = cfg.model.vocab_size
     z_weight = cfg.optim.z_loss
 
     def forward_step(data_iterator, model):
@@ -215,8 +214,10 @@ def make_forward_step(cfg: SodaConfig, layout, device: str, inject_nan: bool = F
         positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
         output = model(tokens, positions, None)
 
-        def loss_func(logits):
-            nll, log_z = token_losses(logits, labels, vocab_start, real_vocab)
+        def loss_func(output):
+            nll, log_z = output_losses(
+                output, labels, cfg.model, vocab_start, lambda: output_weight(model), cfg.parallel.sequence_parallel
+            )
             nll_sum = (nll * mask).sum()
             z_sum = (log_z.square() * mask).sum()
             loss = nll_sum + z_weight * z_sum
