@@ -41,8 +41,10 @@ class ModelConfig:
     init_std: float = 0.02
     transformer_impl: str = "auto"  # auto | transformer_engine | local
     attention_backend: str = "auto"  # auto | flash_attn | sdpa (local implementation only)
-    embedding_impl: str = "torch"  # the embedding seam: torch | triton (fused codec-embedding kernel)
-    output_impl: str = "torch"  # the output seam: torch (logits, then CE) | fused (Triton linear + CE, chunked)
+    embedding_impl: str = "auto"  # the embedding seam: torch | triton (fused kernel) | auto (triton on GPU)
+    output_impl: str = (
+        "auto"  # the output seam: torch (logits, then CE) | fused (Triton, chunked) | auto (fused on GPU)
+    )
     ce_chunk_tokens: int = 4096  # tokens per chunk of the fused output layer (its peak logits memory)
 
     @property
@@ -227,10 +229,10 @@ def validate(cfg: SodaConfig, world_size: int) -> int:
         )
     if m.attention_backend not in ("auto", "flash_attn", "sdpa"):
         raise ConfigError(f"model.attention_backend: expected auto, flash_attn or sdpa, got {m.attention_backend!r}")
-    if m.embedding_impl not in ("torch", "triton"):
-        raise ConfigError(f"model.embedding_impl: expected torch or triton, got {m.embedding_impl!r}")
-    if m.output_impl not in ("torch", "fused"):
-        raise ConfigError(f"model.output_impl: expected torch or fused, got {m.output_impl!r}")
+    if m.embedding_impl not in ("auto", "torch", "triton"):
+        raise ConfigError(f"model.embedding_impl: expected auto, torch or triton, got {m.embedding_impl!r}")
+    if m.output_impl not in ("auto", "torch", "fused"):
+        raise ConfigError(f"model.output_impl: expected auto, torch or fused, got {m.output_impl!r}")
     if p.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"parallel.recompute: expected none, selective or full, got {p.recompute!r}")
     if cfg.optim.schedule not in ("wsd", "cosine", "constant"):

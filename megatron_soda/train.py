@@ -107,6 +107,11 @@ def wrap_model(cfg: SodaConfig, device: str) -> Trainer:
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
+    m = cfg.model
+    if m.embedding_impl == "auto":  # the Triton kernels on GPU; on CPU they would run interpreted
+        m.embedding_impl = "triton" if cuda else "torch"
+    if m.output_impl == "auto":
+        m.output_impl = "fused" if cuda else "torch"
     modules, path = build_model(cfg.model, cfg.parallel, dtype, cuda)
     if dist.get_rank() == 0:
         log.info(

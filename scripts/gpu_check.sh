@@ -15,6 +15,10 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "== Triton kernels compiled for this GPU: parity (fp32, then bf16) and speed/memory vs megatron-core"
+python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck
+python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck --bf16
+python3 -m megatron_soda.cli bench kernels --hidden 576,1024,2048,2560 --tokens 8192,32768 --reps 10
 python3 - <<'PY'
 import json, tempfile
 from pathlib import Path
