@@ -33,6 +33,10 @@ echo
 echo "== 6. the loss curve"
 $SODA plot $OUT/run
 echo
+echo "== 7. export to Hugging Face (Qwen3ForCausalLM + the SODA tokenizer), verified against transformers"
+$SODA export-hf $OUT/run $OUT/hf --verify --force
+
+echo
 echo "checkpoints: $OUT/run/checkpoints (latest: $(cat $OUT/run/checkpoints/latest))"
 echo "TensorBoard: .venv/bin/tensorboard --logdir $OUT/run/tensorboard; metrics: $OUT/run/metrics.jsonl"
 echo "(run again to resume: it continues from the latest checkpoint; delete $OUT/run to start over)"
