@@ -230,6 +230,77 @@ def _cmd_plot(a) -> None:
     print(f"plot: {plot_loss(a.run_dir, a.out)}")
 
 
+def _add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="render and submit SLURM jobs (training, tokenization arrays)")
+    lsub = p.add_subparsers(dest="launch", required=True)
+    t = lsub.add_parser("slurm", help="sbatch a training run: srun + torchrun, USR1 -> checkpoint -> requeue")
+    t.add_argument("--config", required=True)
+    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU nodes (CPU backend)")
+    t.add_argument("--tasks-per-node", type=int, default=0, help="ranks per CPU node (with --gpus-per-node 0)")
+    t.add_argument("--time", default="24:00:00")
+    t.add_argument("--partition", default="")
+    t.add_argument("--account", default="")
+    t.add_argument("--job-name", default="soda")
+    t.add_argument("--run-dir", required=True)
+    t.add_argument("--venv", default=".venv", help="python environment on the nodes ('' for the PATH's python)")
+    t.add_argument("--container", default="", help="pyxis/enroot image instead of the venv")
+    t.add_argument("--signal-grace", type=int, default=120, help="seconds of warning before the time limit")
+    t.add_argument("--port", type=int, default=29500)
+    t.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    a = lsub.add_parser("prepare", help="sbatch a job array of `soda prepare` over disjoint slices")
+    a.add_argument("--tasks", type=int, default=8)
+    a.add_argument("--time", default="12:00:00")
+    a.add_argument("--partition", default="")
+    a.add_argument("--account", default="")
+    a.add_argument("--cpus-per-task", type=int, default=8)
+    a.add_argument("--gpus-per-task", type=int, default=0)
+    a.add_argument("--log-dir", default="logs")
+    a.add_argument("--venv", default=".venv")
+    a.add_argument("--dry-run", action="store_true")
+
+
+def _cmd_launch(a, rest: list[str]) -> None:
+    from launch.slurm import PrepareArray, SlurmJob, render_prepare, render_train, submit
+
+    if a.launch == "slurm":
+        job = SlurmJob(
+            config=a.config,
+            overrides=rest,
+            nodes=a.nodes,
+            gpus_per_node=a.gpus_per_node,
+            tasks_per_node=a.tasks_per_node,
+            time=a.time,
+            partition=a.partition,
+            account=a.account,
+            job_name=a.job_name,
+            run_dir=a.run_dir,
+            venv=a.venv,
+            container=a.container,
+            signal_grace_s=a.signal_grace,
+            port=a.port,
+        )
+        script, path = render_train(job), Path(a.run_dir) / "slurm" / "train.sbatch"
+    else:
+        arr = PrepareArray(
+            prepare_args=rest,
+            tasks=a.tasks,
+            time=a.time,
+            partition=a.partition,
+            account=a.account,
+            cpus_per_task=a.cpus_per_task,
+            gpus_per_task=a.gpus_per_task,
+            log_dir=a.log_dir,
+            venv=a.venv,
+        )
+        script, path = render_prepare(arr), Path(a.log_dir) / "prepare.sbatch"
+    if a.dry_run:
+        print(script)
+        return
+    job_id = submit(script, path)
+    print(f"submitted {path} as job {job_id}")
+
+
 COMMANDS = {
     "corpus": (_add_corpus, _cmd_corpus),
     "tokenizer": (_add_tokenizer, _cmd_tokenizer),
@@ -239,6 +310,7 @@ COMMANDS = {
     "plot": (_add_plot, _cmd_plot),
     "export-hf": (_add_export, _cmd_export),
     "import-hf": (_add_import, _cmd_import),
+    "launch": (_add_launch, _cmd_launch),
 }
 
 
@@ -297,14 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
-    args = parser.parse_args(argv)
+    if argv and argv[0] == "launch":  # everything after the launcher's own flags goes to the job
+        args, rest = parser.parse_known_args(argv)
+    else:
+        args, rest = parser.parse_args(argv), []
     import warnings
 
     # megatron-core warns at import about missing TE/apex (the CPU fallback is intended here)
     warnings.filterwarnings("ignore", module=r"megatron\.core.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        COMMANDS[args.command][1](args)
+        if args.command == "launch":
+            _cmd_launch(args, rest)
+        else:
+            COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
         print("soda: interrupted", file=sys.stderr)
         return 130

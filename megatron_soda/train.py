@@ -115,7 +115,11 @@ def wrap_model(cfg: SodaConfig, device: str) -> Trainer:
     modules, path = build_model(cfg.model, cfg.parallel, dtype, cuda)
     if dist.get_rank() == 0:
         log.info(
-            "layers: %s; embedding: %s; %s", path, cfg.model.embedding_impl, "bf16" if cuda else "fp32 (CPU backend)"
+            "layers: %s; embedding: %s; output layer: %s; %s",
+            path,
+            m.embedding_impl,
+            m.output_impl,
+            "bf16" if cuda else "fp32 (CPU backend)",
         )
     config = modules[0].config
     compute = [Float16Module(config, m) if dtype == torch.bfloat16 else m for m in modules]

@@ -1,0 +1,1 @@
+"""Launchers: SLURM (training with preemption-safe requeue, tokenization arrays) and single-node torchrun."""

@@ -1,0 +1,226 @@
+"""`soda launch slurm` / `soda launch prepare`: sbatch scripts rendered from a training config.
+
+Training: one `srun` task per node runs torchrun, which rendezvous (c10d) on the first node of the
+allocation and starts one rank per GPU. Preemption: `--signal=B:USR1@<grace>` makes SLURM warn the
+batch shell; it forwards USR1 through srun and torchrun to every rank, which finishes its step,
+saves a checkpoint and exits; the batch shell then `scontrol requeue`s the job, and the requeued job
+resumes from `latest` (same run directory) with no lost steps.
+
+Tokenization: a job array; task i of n runs `soda prepare --rank i --world-size n`, so tasks take
+disjoint slices, and re-submitting redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_soda.config import ConfigError, load_config, validate
+
+# Network knobs a user may need to set for their fabric; rendered commented-out with their meaning.
+NCCL_KNOBS = [
+    ("NCCL_DEBUG", "WARN", "INFO prints the transport NCCL picked (IB / socket): the first thing to check"),
+    ("NCCL_IB_HCA", "mlx5", "InfiniBand adapters to use (ibstat lists them)"),
+    ("NCCL_SOCKET_IFNAME", "ib0", "interface for bootstrap / socket traffic (avoid docker0, lo)"),
+    ("NCCL_IB_GID_INDEX", "3", "RoCE clusters: the GID index of the RoCE v2 address"),
+    ("NCCL_NET_GDR_LEVEL", "PHB", "GPUDirect RDMA distance"),
+    ("NCCL_ASYNC_ERROR_HANDLING", "1", "turn a hung collective into an error after the timeout"),
+]
+
+
+class LaunchError(ValueError):
+    pass
+
+
+@dataclass
+class SlurmJob:
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0: CPU nodes (the CPU backend, one rank per --tasks-per-node)
+    tasks_per_node: int = 0  # ranks per node when gpus_per_node = 0
+    time: str = "24:00:00"
+    partition: str = ""
+    account: str = ""
+    job_name: str = "soda"
+    run_dir: str = "runs/soda"
+    log_dir: str = ""
+    venv: str = ".venv"
+    container: str = ""  # pyxis/enroot image, e.g. nvcr.io#nvidia/pytorch:25.10-py3 or a .sqsh
+    signal_grace_s: int = 120
+    port: int = 29500
+    shutdown_timeout_s: int = 900  # how long torchrun lets ranks save after the signal
+    workdir: str = ""
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or self.tasks_per_node or 1
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+def check_layout(job: SlurmJob) -> tuple[int, int, int]:
+    """TP within a node, world = TP x PP x DP, and the config's own checks; returns (tp, pp, dp)."""
+    if job.nodes < 1 or job.ranks_per_node < 1:
+        raise LaunchError("nodes and GPUs (or tasks) per node must be >= 1")
+    cfg = load_config(job.config, job.overrides)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if tp > job.ranks_per_node:
+        raise LaunchError(
+            f"parallel.tp {tp} > {job.ranks_per_node} GPUs per node: tensor parallelism must stay inside a node"
+        )
+    if job.ranks_per_node % tp:
+        raise LaunchError(f"{job.ranks_per_node} GPUs per node is not a multiple of parallel.tp {tp}")
+    try:
+        dp = validate(cfg, job.world)
+    except ConfigError as e:
+        raise LaunchError(f"{job.nodes} node(s) x {job.ranks_per_node} = {job.world} ranks: {e}") from None
+    return tp, pp, dp
+
+
+def render_train(job: SlurmJob) -> str:
+    tp, pp, dp = check_layout(job)
+    logs = job.log_dir or f"{job.run_dir}/slurm"
+    workdir = job.workdir or str(Path.cwd())
+    device = "cuda" if job.gpus_per_node else "cpu"
+    sb = [
+        f"#SBATCH --job-name={job.job_name}",
+        f"#SBATCH --nodes={job.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --time={job.time}",
+        f"#SBATCH --output={logs}/%x-%j.out",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{job.signal_grace_s}",
+    ]
+    if job.gpus_per_node:
+        sb += [f"#SBATCH --gpus-per-node={job.gpus_per_node}", "#SBATCH --exclusive"]
+    if job.partition:
+        sb.append(f"#SBATCH --partition={job.partition}")
+    if job.account:
+        sb.append(f"#SBATCH --account={job.account}")
+    train_args = " ".join(
+        shlex.quote(a) for a in ["--config", job.config, "--run-dir", job.run_dir, "--device", device, *job.overrides]
+    )
+    knobs = "\n".join(f"# export {k}={v}    # {why}" for k, v, why in NCCL_KNOBS)
+    if job.container:
+        runner = (
+            f"srun --container-image={shlex.quote(job.container)} --container-workdir={shlex.quote(workdir)} "
+            f"--container-mounts={shlex.quote(workdir)}:{shlex.quote(workdir)}"
+        )
+        python = "python"
+    else:
+        runner = "srun"
+        python = f"{shlex.quote(job.venv)}/bin/python" if job.venv else "python"
+    return f"""#!/bin/bash
+# Rendered by `soda launch slurm` for {job.config}: {job.nodes} node(s) x {job.ranks_per_node} ranks =
+# {job.world} = TP {tp} x PP {pp} x DP {dp}. Preemption-safe: USR1 -> checkpoint -> requeue -> resume.
+{chr(10).join(sb)}
+set -uo pipefail
+cd {shlex.quote(workdir)}
+mkdir -p {shlex.quote(logs)}
+
+# --- network: NCCL picks sensible defaults; set these when it does not (see docs/LAUNCH.md) ---
+{knobs}
+export NCCL_ASYNC_ERROR_HANDLING=${{NCCL_ASYNC_ERROR_HANDLING:-1}}
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{1 if job.gpus_per_node else 1}}}
+# torchrun forwards USR1 to the ranks and gives them this long to save before it kills them
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={job.shutdown_timeout_s}
+
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_ADDR=$(scontrol show node "$HEAD" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
+HEAD_ADDR=${{HEAD_ADDR:-$HEAD}}
+echo "[soda] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}: rendezvous on $HEAD_ADDR:{job.port}"
+
+PREEMPTED=0
+on_usr1() {{
+  PREEMPTED=1
+  echo "[soda] USR1: asking the ranks to save and stop"
+  kill -USR1 "$SRUN_PID" 2>/dev/null
+}}
+trap on_usr1 USR1
+
+{runner} --kill-on-bad-exit=1 {python} -m torch.distributed.run \\
+  --nnodes={job.nodes} --nproc-per-node={job.ranks_per_node} \\
+  --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:{job.port}" --rdzv-id="$SLURM_JOB_ID" \\
+  -m megatron_soda.train {train_args} &
+SRUN_PID=$!
+while true; do
+  wait "$SRUN_PID"
+  RC=$?
+  kill -0 "$SRUN_PID" 2>/dev/null || break  # wait returns early when the trap runs
+done
+if [ "$PREEMPTED" = 1 ]; then
+  echo "[soda] requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$RC"
+"""
+
+
+@dataclass
+class PrepareArray:
+    prepare_args: list[str]
+    tasks: int = 8
+    time: str = "12:00:00"
+    partition: str = ""
+    account: str = ""
+    cpus_per_task: int = 8
+    gpus_per_task: int = 0
+    job_name: str = "soda-prepare"
+    log_dir: str = "logs"
+    venv: str = ".venv"
+    workdir: str = ""
+
+
+def render_prepare(arr: PrepareArray) -> str:
+    if arr.tasks < 1:
+        raise LaunchError("--tasks must be >= 1")
+    if any(a.startswith(("--rank", "--world-size")) for a in arr.prepare_args):
+        raise LaunchError("the array sets --rank and --world-size itself")
+    sb = [
+        f"#SBATCH --job-name={arr.job_name}",
+        f"#SBATCH --array=0-{arr.tasks - 1}",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={arr.cpus_per_task}",
+        f"#SBATCH --time={arr.time}",
+        f"#SBATCH --output={arr.log_dir}/%x-%A_%a.out",
+        "#SBATCH --requeue",
+    ]
+    if arr.gpus_per_task:
+        sb.append(f"#SBATCH --gpus-per-task={arr.gpus_per_task}")
+    if arr.partition:
+        sb.append(f"#SBATCH --partition={arr.partition}")
+    if arr.account:
+        sb.append(f"#SBATCH --account={arr.account}")
+    device = ["--device", "cuda"] if arr.gpus_per_task else []
+    args = " ".join(shlex.quote(a) for a in [*arr.prepare_args, *device])
+    soda = f"{shlex.quote(arr.venv)}/bin/soda" if arr.venv else "soda"
+    workdir = arr.workdir or str(Path.cwd())
+    return f"""#!/bin/bash
+# Rendered by `soda launch prepare`: {arr.tasks} array tasks, each a disjoint slice of the shards;
+# finished shards are skipped, so resubmitting the same script only redoes what is missing.
+{chr(10).join(sb)}
+set -euo pipefail
+cd {shlex.quote(workdir)}
+mkdir -p {shlex.quote(arr.log_dir)}
+{soda} prepare {args} --rank "$SLURM_ARRAY_TASK_ID" --world-size {arr.tasks} \\
+  --num-workers {max(1, arr.cpus_per_task // 2) if not arr.gpus_per_task else 1} --no-progress
+"""
+
+
+def submit(script: str, path: Path) -> str:
+    """Write the script and sbatch it; returns the job id."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LaunchError(f"sbatch {path} failed: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout.strip().split(";")[0]

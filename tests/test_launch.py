@@ -1,0 +1,158 @@
+"""Launchers: rendered scripts for many layouts, and a real one-host SLURM cluster running them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.slurm import LaunchError, PrepareArray, SlurmJob, render_prepare, render_train
+from tests.launch import ROOT, metrics
+from tests.slurm_cluster import Cluster, ensure_installed
+
+PRESET = str(ROOT / "configs" / "soda-1.7b.yaml")
+
+
+@pytest.mark.parametrize("nodes,tp,pp,dp", [(1, 1, 1, 8), (1, 8, 1, 1), (2, 2, 2, 4), (16, 8, 4, 4), (16, 4, 1, 32)])
+def test_rendered_training_script(nodes, tp, pp, dp):
+    job = SlurmJob(
+        config=PRESET,
+        overrides=["--parallel.tp", str(tp), "--parallel.pp", str(pp), "--data.paths", "[x]"],
+        nodes=nodes,
+        gpus_per_node=8,
+        run_dir="runs/r",
+        partition="gpu",
+        account="proj",
+    )
+    s = render_train(job)
+    assert f"#SBATCH --nodes={nodes}" in s and "#SBATCH --gpus-per-node=8" in s
+    assert f"= TP {tp} x PP {pp} x DP {dp}" in s
+    assert f"--nnodes={nodes} --nproc-per-node=8" in s and "--rdzv-backend=c10d" in s
+    assert "#SBATCH --signal=B:USR1@120" in s and "scontrol requeue" in s and "#SBATCH --requeue" in s
+    assert "#SBATCH --partition=gpu" in s and "#SBATCH --account=proj" in s
+    assert "--device cuda" in s and "scontrol show hostnames" in s
+    assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0  # valid bash
+
+
+@pytest.mark.parametrize(
+    "nodes,gpus,extra,message",
+    [
+        (1, 8, ["--parallel.tp", "16"], "tensor parallelism must stay inside a node"),
+        (1, 6, ["--parallel.tp", "4"], "not a multiple of parallel.tp 4"),
+        (2, 8, ["--parallel.pp", "3"], "16 ranks: world size 16 is not divisible by tp 1 x pp 3"),
+        (1, 8, ["--train.global_batch_size", "12"], "global_batch_size 12 is not divisible"),
+    ],
+)
+def test_impossible_layouts_are_refused(nodes, gpus, extra, message):
+    job = SlurmJob(
+        config=PRESET, overrides=[*extra, "--data.paths", "[x]"], nodes=nodes, gpus_per_node=gpus, run_dir="r"
+    )
+    with pytest.raises(LaunchError, match=message.replace(".", r"\.")):
+        render_train(job)
+
+
+def test_rendered_prepare_array():
+    s = render_prepare(
+        PrepareArray(prepare_args=["--input", "m.jsonl", "--output", "out", "--tokenizer", "tok"], tasks=32)
+    )
+    assert "#SBATCH --array=0-31" in s and '--rank "$SLURM_ARRAY_TASK_ID" --world-size 32' in s
+    with pytest.raises(LaunchError, match="sets --rank"):
+        render_prepare(PrepareArray(prepare_args=["--rank", "1"]))
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
+    r = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = ensure_installed()
+    if why:
+        pytest.skip(why)
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+def _submit(cluster, prepared, run, steps: int) -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_soda.cli",
+            "launch",
+            "slurm",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--run-dir",
+            str(run),
+            "--venv",
+            str(ROOT / ".venv"),
+            "--time",
+            "00:10:00",
+            "--port",
+            str(port),
+            "--signal-grace",
+            "30",
+            "--data.paths",
+            f"[{prepared}]",
+            "--data.num_workers",
+            "0",
+            "--train.steps",
+            str(steps),
+        ],
+        capture_output=True,
+        text=True,
+        env=cluster.env,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()[-1]
+
+
+@pytest.mark.slow
+def test_slurm_job_trains_and_checkpoints(cluster, prepared, tmp_path):
+    run = tmp_path / "run"
+    job = _submit(cluster, prepared, run, 3)
+    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
+    log = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+
+
+@pytest.mark.slow
+def test_slurm_preemption_requeues_and_resumes(cluster, prepared, tmp_path):
+    run = tmp_path / "run"
+    steps = 30
+    job = _submit(cluster, prepared, run, steps)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3):
+        time.sleep(0.5)
+    assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0  # what --signal=B:USR1 sends
+    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 280)
+    log = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert int(info.get("Restarts", 0)) == 1, info
+    assert "requeueing job" in log and "resumed from" in log
+    stepped = [m["step"] for m in metrics(run)]
+    assert stepped == list(range(1, steps + 1)), stepped  # no step lost, none repeated
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
