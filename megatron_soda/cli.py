@@ -301,6 +301,91 @@ def _cmd_launch(a, rest: list[str]) -> None:
     print(f"submitted {path} as job {job_id}")
 
 
+def _add_isoflop(sub) -> None:
+    p = sub.add_parser("isoflop", help="the scaling-law study: plan a grid, run it, fit and plot it")
+    isub = p.add_subparsers(dest="isoflop", required=True)
+    pl = isub.add_parser("plan", help="budgets x widths -> training configs + plan.csv")
+    pl.add_argument("--budgets", default=",".join(f"{c:g}" for c in [3e18, 9e18, 1.8e19, 3e19, 9e19, 1.8e20, 3e20]))
+    pl.add_argument("--widths", default="512,768,1024,1280,1536,1792,2048")
+    pl.add_argument("--head-dim", type=int, default=128)
+    pl.add_argument("--seq-len", type=int, default=4096)
+    pl.add_argument("--vocab", type=int, default=144_644)
+    pl.add_argument("--global-batch", type=int, default=None, help="fixed batch (default: the sweep's rule)")
+    pl.add_argument("--micro-batch", type=int, default=1)
+    pl.add_argument("--flops", default="6nd", choices=["6nd", "attention"])
+    pl.add_argument("--base-config", default=None)
+    pl.add_argument("--out", required=True)
+    rn = isub.add_parser("run", help="train the planned grid (resumable) and write runs.csv")
+    rn.add_argument("--plan", required=True, help="the directory `soda isoflop plan` wrote")
+    rn.add_argument("--base-config", required=True, help="data, device and the rest of each run's config")
+    rn.add_argument("--out", required=True)
+    rn.add_argument("--nproc", type=int, default=1)
+    ft = isub.add_parser("fit", help="fit N*, D* power laws (+ parametric L(N, D)) and plot")
+    ft.add_argument("--csv", required=True, help="columns compute, params (non-embedding N), tokens, loss")
+    ft.add_argument("--out", required=True)
+    ft.add_argument("--bootstrap", type=int, default=500)
+    ft.add_argument("--predict", default="", help="comma list of budgets to predict N*, D*, loss for")
+
+
+def _cmd_isoflop(a, rest: list[str]) -> None:
+    from megatron_soda import isoflop as iso
+
+    if a.isoflop == "plan":
+        rows = iso.plan(
+            [float(x) for x in a.budgets.split(",")],
+            [int(x) for x in a.widths.split(",")],
+            a.vocab,
+            a.seq_len,
+            a.head_dim,
+            a.global_batch,
+            a.flops,
+        )
+        path = iso.write_plan(rows, Path(a.out), a.base_config, a.seq_len, a.micro_batch)
+        print(
+            f"{len(rows)} runs planned ({a.flops}: C = 6 N D with N non-embedding"
+            if a.flops == "6nd"
+            else f"{len(rows)} runs planned (C = training FLOPs incl. LM head and attention",
+            end="",
+        )
+        print(f") -> {path}")
+        for r in rows:
+            print(
+                f"  C {r['compute']:.1e}  d {r['width']:>5}  L {r['num_layers']:>2}  N {r['params'] / 1e6:9.3f}M  "
+                f"D {r['tokens'] / 1e6:10.2f}M  batch {r['batch']:>4}  steps {r['steps']:>7}  lr {r['lr']:.2e}"
+            )
+    elif a.isoflop == "run":
+        path = iso.run_grid(Path(a.plan), a.base_config, Path(a.out), a.nproc, rest)
+        print(f"runs -> {path}; fit with: soda isoflop fit --csv {path} --out {a.out}")
+    else:
+        result = iso.write_fit(iso.read_csv(a.csv), Path(a.out), a.bootstrap)
+        lo, hi = result["n_exponent_ci95"]
+        dlo, dhi = result["d_exponent_ci95"]
+        print(f"{result['flops_convention']}")
+        print(
+            f"N* ~ C^{result['n_exponent']:.3f} (95% CI {lo:.3f}..{hi:.3f}), "
+            f"D* ~ C^{result['d_exponent']:.3f} (95% CI {dlo:.3f}..{dhi:.3f}), "
+            f"D/N exponent ratio {result['exponent_ratio_d_over_n']:.2f}"
+        )
+        print(f"{'C':>10} {'N*':>12} {'D*':>12} {'L*':>8}")
+        for b in result["budgets"]:
+            flag = "  (edge: left out)" if b["edge"] else ""
+            print(f"{b['compute']:10.2e} {b['n_opt']:12.4g} {b['d_opt']:12.4g} {b['loss_opt']:8.4f}{flag}")
+        par = result["parametric"]
+        if "alpha" in par:
+            print(
+                f"parametric L = {par['E']:.3f} + {par['A']:.3g}/N^{par['alpha']:.3f} "
+                f"+ {par['B']:.3g}/D^{par['beta']:.3f} "
+                f"-> N* ~ C^{par['n_exponent']:.3f}, D* ~ C^{par['d_exponent']:.3f}"
+            )
+        for c in [float(x) for x in a.predict.split(",") if x]:
+            p = iso.predict(result, c)
+            print(
+                f"predict C {c:.2e}: N* {p['n_opt']:.4g}, D* {p['d_opt']:.4g} "
+                f"({p['tokens_per_param']:.1f} tokens/param), loss {p['loss']:.4f}"
+            )
+        print(f"fit -> {Path(a.out) / 'fit.json'}; plots: {', '.join(result['plots'])}")
+
+
 COMMANDS = {
     "corpus": (_add_corpus, _cmd_corpus),
     "tokenizer": (_add_tokenizer, _cmd_tokenizer),
@@ -311,6 +396,7 @@ COMMANDS = {
     "export-hf": (_add_export, _cmd_export),
     "import-hf": (_add_import, _cmd_import),
     "launch": (_add_launch, _cmd_launch),
+    "isoflop": (_add_isoflop, _cmd_isoflop),
 }
 
 
@@ -369,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
-    if argv and argv[0] == "launch":  # everything after the launcher's own flags goes to the job
+    if argv and argv[0] in ("launch", "isoflop"):  # flags after the command's own go to the job / runs
         args, rest = parser.parse_known_args(argv)
     else:
         args, rest = parser.parse_args(argv), []
@@ -379,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"megatron\.core.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        if args.command == "launch":
-            _cmd_launch(args, rest)
+        if args.command in ("launch", "isoflop"):
+            COMMANDS[args.command][1](args, rest)
         else:
             COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
