@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean isoflop-demo
 
 $(STAMP): pyproject.toml scripts/install_system_deps.sh
 	scripts/install_system_deps.sh
@@ -19,6 +19,9 @@ setup: $(STAMP)
 
 demo: setup
 	scripts/demo.sh
+
+isoflop-demo: setup
+	scripts/isoflop_demo.sh
 
 test: setup
 	$(BIN)/ruff check .

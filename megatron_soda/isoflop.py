@@ -394,7 +394,8 @@ def run_grid(plan_dir: Path, base_config: str, out: Path, nproc: int, extra: lis
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"run {r['name']} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                lines = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] or proc.stderr.splitlines()
+                raise RuntimeError(f"run {r['name']} failed ({run_dir}): {lines[-1] if lines else proc.returncode}")
             done = _final_val_loss(run_dir, steps)
             if done is None:
                 raise RuntimeError(f"run {r['name']} logged no validation loss (set data.val_paths)")
