@@ -418,9 +418,10 @@ def run_grid(plan_dir: Path, base_config: str, out: Path, nproc: int, extra: lis
 
 
 def _final_val_loss(run_dir: Path, steps: int) -> float | None:
-    m = run_dir / "metrics.jsonl"
-    if not m.is_file():
+    from megatron_soda.plots import read_metrics
+
+    if not (run_dir / "metrics.jsonl").is_file():
         return None
-    rows = [json.loads(line) for line in m.read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     last = [r for r in rows if r.get("step") == steps and "val_loss" in r]
     return float(last[-1]["val_loss"]) if last else None

@@ -470,7 +470,7 @@ def train(cfg: SodaConfig) -> dict:
             consumed_samples=loader.consumed_samples,
         )
         if val_loader is not None and step % t.eval_interval == 0:
-            row["val_loss"] = evaluate(tr, val_loader, cfg, layout, device, num_micro, stats)
+            row["val_loss"] = evaluate(tr, val_loader, cfg, fwd, device, num_micro, stats)
         if step % t.log_interval == 0 or step == t.steps:
             metrics.write(step, row)
             if rank0:
@@ -508,13 +508,12 @@ def build_val_loader(cfg: SodaConfig, dp: int, layout):
     return (ds, ps.get_data_parallel_rank(), dp)
 
 
-def evaluate(tr: Trainer, val, cfg: SodaConfig, layout, device, num_micro: int, stats: StepStats) -> float:
+def evaluate(tr: Trainer, val, cfg: SodaConfig, fwd, device, num_micro: int, stats: StepStats) -> float:
     """Mean token NLL over the first `eval_batches` global batches of the validation sets (always the same)."""
     ds, dp_rank, dp = val
     t = cfg.train
     loader = SodaDataLoader(ds, t.micro_batch_size, t.global_batch_size, dp_rank, dp, num_workers=0)
     it = iter(loader)
-    fwd = make_forward_step(cfg, layout, device)
     for c in tr.chunks:
         c.eval()
     total = None

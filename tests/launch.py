@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -76,7 +75,9 @@ def run_until_signal(run_dir: Path, shards: Path, after_steps: int, *overrides: 
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from megatron_soda.plots import read_metrics
+
+    return read_metrics(run_dir)
 
 
 def losses(run_dir: Path) -> list[float]:
