@@ -200,10 +200,71 @@ def _add_bench(sub) -> None:
     kp.add_argument("--vocab", type=int, default=None, help="override the vocabulary (small shapes on CPU)")
     kp.add_argument("--reps", type=int, default=5)
     kp.add_argument("--json", help="also write the rows here")
+    tp = bsub.add_parser(
+        "train",
+        help="training tokens/s, TFLOP/s, MFU, step split and peak memory; ours vs transformers and kernels off",
+        description="Extra --section.key value flags override the preset, as in `soda train` "
+        "(e.g. --parallel.tp 2 --train.micro_batch_size 4 --train.seq_length 4096 --parallel.recompute full).",
+    )
+    tp.add_argument("--config", help="preset YAML (configs/soda-135m.yaml ...)")
+    tp.add_argument("--nproc", type=int, default=1, help="ranks for our variants (TP x PP x DP); baselines use one")
+    tp.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    tp.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
+    tp.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
+    tp.add_argument(
+        "--variants",
+        default="ours,ours-nokernels,hf",
+        help="comma list of ours, ours-nokernels, hf, hf-compile (transformers + torch.compile)",
+    )
+    tp.add_argument("--results", default="bench/results/train.jsonl", help="JSON lines, appended")
+    tp.add_argument("--plot", default="bench/results/train.png", help="bar chart of the results file")
+    tp.add_argument("--label", default="", help="name of this configuration in the table and plot")
+    tp.add_argument("--profile", help="write torch.profiler traces + top operators per variant here")
+    zp = bsub.add_parser("tokenize", help="Mimi encoding throughput (audio-seconds per wall-second), batched")
+    zp.add_argument("--codec", default="kyutai/mimi", help="HF name/path, or random:<seed> (random weights)")
+    zp.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    zp.add_argument("--batch", default="1,8,32", help="comma list of clips per batch")
+    zp.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
+    zp.add_argument("--reps", type=int, default=3)
+    zp.add_argument("--audio", help="a speech file to tile (default: seeded noise, same compute)")
+    zp.add_argument("--json", help="also write the rows here")
 
 
-def _cmd_bench(a) -> None:
-    if a.bench == "loader":
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cmd_bench(a, rest: list[str]) -> None:
+    if a.bench != "train" and rest:
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    if a.bench == "train":
+        from megatron_soda.benchmarks.train import VARIANTS, run_suite
+
+        variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad or not variants:
+            raise ValueError(f"--variants: unknown {bad or 'none given'}; choose from {', '.join(VARIANTS)}")
+        rows = run_suite(
+            a.config,
+            rest,
+            variants,
+            a.nproc,
+            a.device,
+            a.steps,
+            a.warmup,
+            a.results,
+            a.plot or None,
+            a.label,
+            a.profile,
+            command="soda bench train " + " ".join(sys.argv[3:]),
+        )
+    elif a.bench == "tokenize":
+        from megatron_soda.benchmarks.tokenize import run as run_tokenize
+
+        rows = run_tokenize(a.codec, a.device, [int(b) for b in a.batch.split(",")], a.seconds, a.reps, a.audio)
+    elif a.bench == "loader":
         from megatron_soda.benchmarks.loader import run
 
         rows = run(a.shards, [int(w) for w in a.workers.split(",")], a.micro_batch, a.seconds)
@@ -213,7 +274,7 @@ def _cmd_bench(a) -> None:
         rows = run_kernels(
             [int(x) for x in a.hidden.split(",")], [int(x) for x in a.tokens.split(",")], a.tp, a.reps, a.vocab
         )
-    if a.json:
+    if getattr(a, "json", None):
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
@@ -455,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
-    if argv and argv[0] in ("launch", "isoflop"):  # flags after the command's own go to the job / runs
+    if argv and argv[0] in ("launch", "isoflop", "bench"):  # flags after the command's own go to the job / runs
         args, rest = parser.parse_known_args(argv)
     else:
         args, rest = parser.parse_args(argv), []
@@ -465,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"megatron\.core.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        if args.command in ("launch", "isoflop"):
+        if args.command in ("launch", "isoflop", "bench"):
             COMMANDS[args.command][1](args, rest)
         else:
             COMMANDS[args.command][1](args)

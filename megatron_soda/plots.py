@@ -1,4 +1,4 @@
-"""Plots people look at: the loss curve of a run (from its metrics.jsonl) as a PNG."""
+"""Plots people look at: the loss curve of a run (from its metrics.jsonl), benchmark comparisons."""
 
 from __future__ import annotations
 
@@ -41,6 +41,39 @@ def plot_loss(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(f"{Path(run_dir).resolve()}: {len(rows)} logged steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_bench(rows: list[dict], out: str | Path, last: int = 24) -> Path:
+    """Bars of tokens/s per GPU (and MFU where known) for the last `last` `soda bench train` rows,
+    grouped by run label so each configuration's variants stand side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows[-last:]
+    names = [f"{r['label']}\n{r['variant']}" for r in rows]
+    colors = {"ours": "tab:blue", "ours-nokernels": "tab:cyan", "hf": "tab:orange", "hf-compile": "tab:red"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    bars = ax.bar(
+        range(len(rows)),
+        [r["tokens_per_s_per_gpu"] for r in rows],
+        color=[colors.get(r["variant"], "gray") for r in rows],
+    )
+    for b, r in zip(bars, rows, strict=True):
+        note = f"{100 * r['mfu']:.0f}% MFU" if r.get("mfu") is not None else f"{r['tflops_per_gpu']:.2g} TF/s"
+        ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("tokens/s per GPU")
+    devices = sorted({r["device"] for r in rows})
+    ax.set_title(f"soda bench train ({', '.join(devices)})", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 

@@ -1,0 +1,513 @@
+"""`soda bench train`: training throughput, MFU and memory of one preset + layout, with baselines.
+
+Every variant runs in its own process (torchrun for a multi-rank layout), so peak memory and
+compile caches of one never leak into the next, and each sees the same synthetic micro-batches
+(random ids of the model's vocabulary, held in memory: the loader is benchmarked on its own by
+`soda bench loader`). Variants:
+
+- `ours`: the real training step (megatron-core schedule, DDP, optimizer), kernels as configured
+  (`auto` = the Triton kernels on GPU);
+- `ours-nokernels`: the same with torch's embedding and output layer + cross-entropy;
+- `hf`: transformers' Qwen3ForCausalLM of the same config, SDPA, fused AdamW, bf16 autocast on
+  GPU (fp32 on CPU), one process holding the same per-GPU micro-batches; `hf-compile` adds
+  torch.compile. This is what a user would otherwise write.
+
+Times are medians over the measured steps after `warmup` steps. The step split: `forward` is a
+forward-only pass of the same micro-batches with autograd recording (what a training forward
+costs), `grad_sync` is the exposed part of the gradient reduction (megatron's
+finalize_model_grads; with overlap on, most of it hides in backward), `backward` is the rest of
+the forward-backward call, `optimizer` the optimizer step. MFU = model FLOPs (the training code's
+formula, attention included) x tokens/s per GPU / peak bf16 FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("ours", "ours-nokernels", "hf", "hf-compile")
+DEFAULT_RESULTS = "bench/results/train.jsonl"
+
+
+def bench_layout(vocab_size: int):
+    """A token layout matching `vocab_size` (the loss breakdown needs one); 0 = the SODA layout."""
+    from tokenization.vocab import LLAMA3_LAYOUT, SodaLayout
+
+    if vocab_size in (0, LLAMA3_LAYOUT.vocab_size):
+        return LLAMA3_LAYOUT
+    text = vocab_size - 4 - LLAMA3_LAYOUT.codebooks * LLAMA3_LAYOUT.codebook_size
+    if text < 2:
+        raise ValueError(
+            f"model.vocab_size {vocab_size}: must be 0 (SODA's 144,644) or > 16,389 (audio ids + delimiters)"
+        )
+    return SodaLayout(text_vocab_size=text, bos_id=0, eos_id=1)
+
+
+def synthetic_micro_batches(vocab: int, micro: int, seq: int, n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (micro, seq + 1), generator=g)
+        out.append(
+            {"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "loss_mask": torch.ones(micro, seq)}
+        )
+    return out
+
+
+def mfu(flops_per_token: float, tokens_per_s_per_gpu: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s per GPU over the GPU's peak."""
+    if not peak_tflops:
+        return None
+    return flops_per_token * tokens_per_s_per_gpu / (peak_tflops * 1e12)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; process lifetime
+
+
+def _reset_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("megatron-core", "transformers", "triton", "transformer-engine", "flash-attn"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return v
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _summary(
+    cfg, variant: str, device: str, world: int, dp: int, times: dict[str, list[float]], losses: list[float], peak
+) -> dict:
+    from megatron_soda.model import flops_per_token
+
+    t, p = cfg.train, cfg.parallel
+    step = statistics.median(times["step"])
+    tokens_per_s = t.global_batch_size * t.seq_length / step
+    per_gpu = tokens_per_s / world
+    ftok = flops_per_token(cfg.model, t.seq_length)
+    return {
+        "variant": variant,
+        "preset": cfg.model.name,
+        "device": _device_name(device),
+        "world": world,
+        "tp": p.tp if variant.startswith("ours") else 1,
+        "pp": p.pp if variant.startswith("ours") else 1,
+        "dp": dp,
+        "vpp": p.vpp if variant.startswith("ours") else 1,
+        "sp": bool(p.sequence_parallel) if variant.startswith("ours") else False,
+        "recompute": p.recompute if variant.startswith("ours") else "none",
+        "micro_batch": t.micro_batch_size,
+        "global_batch": t.global_batch_size,
+        "seq_len": t.seq_length,
+        "dtype": "bf16" if device == "cuda" else "fp32",
+        "impl": times.pop("_impl", ""),
+        "steps": len(times["step"]),
+        "step_time_s": step,
+        "split_s": {k: statistics.median(v) for k, v in times.items() if k != "step" and v},
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_gpu": per_gpu,
+        "tflops_per_gpu": ftok * per_gpu / 1e12,
+        "flops_per_token": ftok,
+        "peak_tflops": peak,
+        "mfu": mfu(ftok, per_gpu, peak),
+        "peak_memory_gb": _peak_memory_gb(device),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "date": date.today().isoformat(),
+        "versions": _versions(),
+    }
+
+
+# --- ours ----------------------------------------------------------------------------------------
+
+
+def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | None) -> dict | None:
+    """Time the real training step; call inside an initialized process group. Row on rank 0."""
+    import torch.distributed as dist
+
+    from megatron_soda.model import peak_tflops
+    from megatron_soda.train import (
+        StepStats,
+        make_forward_step,
+        resolve_device,
+        run_schedule,
+        setup_parallel,
+        wrap_model,
+    )
+
+    device = resolve_device(cfg.train.device)
+    dp = setup_parallel(cfg)
+    layout = bench_layout(cfg.model.vocab_size)
+    cfg.model.vocab_size = layout.vocab_size
+    if not kernels:
+        cfg.model.embedding_impl, cfg.model.output_impl = "torch", "torch"
+    tr = wrap_model(cfg, device)
+    t = cfg.train
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    micro = synthetic_micro_batches(
+        layout.vocab_size, t.micro_batch_size, t.seq_length, num_micro, seed=dist.get_rank()
+    )
+    stats = StepStats(layout)
+    fwd = make_forward_step(cfg, layout, device)
+    config = tr.modules[0].config
+    times: dict[str, list[float]] = {"step": [], "forward": [], "backward": [], "grad_sync": [], "optimizer": []}
+    sync_time = [0.0]
+    finalize = config.finalize_model_grads_func
+
+    def timed_finalize(*args, **kwargs):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = finalize(*args, **kwargs)
+        _sync(device)
+        sync_time[0] += time.perf_counter() - t0
+        return out
+
+    config.finalize_model_grads_func = timed_finalize
+
+    def cycle():
+        while True:
+            yield from micro
+
+    losses = []
+    prof = _profiler(profile_dir, device) if profile_dir else None
+    for i in range(warmup + steps):
+        if i == warmup:
+            _reset_memory(device)
+            if prof:
+                prof.start()
+        for c in tr.chunks:
+            c.zero_grad_buffer()
+        tr.optimizer.zero_grad()
+        sync_time[0] = 0.0
+        _sync(device)
+        t0 = time.perf_counter()
+        outputs = run_schedule(tr, cycle(), fwd, num_micro, forward_only=False)
+        _sync(device)
+        t1 = time.perf_counter()
+        tr.optimizer.step()
+        tr.scheduler.step(increment=1)
+        _sync(device)
+        t2 = time.perf_counter()
+        losses.append(stats.as_dict(stats.reduce(outputs, device))["loss"])
+        if i >= warmup:
+            times["step"].append(t2 - t0)
+            times["optimizer"].append(t2 - t1)
+            times["grad_sync"].append(sync_time[0])
+            times["backward"].append(t1 - t0 - sync_time[0])  # forward subtracted below
+        if prof:
+            prof.step()
+    if prof:
+        prof.stop()
+        _report_profile(prof, profile_dir, dist.get_rank())
+    for _ in range(max(1, min(steps, 5))):
+        _sync(device)
+        t0 = time.perf_counter()
+        run_schedule(tr, cycle(), fwd, num_micro, forward_only=True)
+        _sync(device)
+        times["forward"].append(time.perf_counter() - t0)
+    f = statistics.median(times["forward"])
+    times["backward"] = [max(0.0, b - f) for b in times["backward"]]
+    times["_impl"] = f"embedding {cfg.model.embedding_impl}, output {cfg.model.output_impl}"
+    variant = "ours" if kernels else "ours-nokernels"
+    row = _summary(cfg, variant, device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops))
+    # every rank's peak matters (PP stages differ): report the largest
+    peak = torch.tensor([row["peak_memory_gb"]], dtype=torch.float64, device=device if device == "cuda" else "cpu")
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    row["peak_memory_gb"] = peak.item()
+    return row if dist.get_rank() == 0 else None
+
+
+# --- transformers baseline ----------------------------------------------------------------------
+
+
+def bench_hf(cfg, steps: int, warmup: int, compile_model: bool, profile_dir: str | None) -> dict:
+    """transformers' Qwen3ForCausalLM, same shapes, as a user would train it on one GPU."""
+    from transformers import Qwen3ForCausalLM
+
+    from checkpoints_tools.qwen3_mapping import hf_config
+    from megatron_soda.model import peak_tflops
+    from megatron_soda.train import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    cuda = device == "cuda"
+    layout = bench_layout(cfg.model.vocab_size)
+    cfg.model.vocab_size = layout.vocab_size
+    t, o = cfg.train, cfg.optim
+    dp = max(1, int(os.environ.get("SODA_BENCH_DP", "1")))  # per-GPU share of ours' global batch
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    torch.manual_seed(t.seed)
+    hc = hf_config(cfg.model, None, None)
+    hc._attn_implementation = "sdpa"
+    model = Qwen3ForCausalLM(hc).to(device)
+    model.train()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=cuda
+    )
+    run = torch.compile(model) if compile_model else model
+    micro = [
+        {k: v.to(device) for k, v in b.items()}
+        for b in synthetic_micro_batches(layout.vocab_size, t.micro_batch_size, t.seq_length, num_micro)
+    ]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    times: dict[str, list[float]] = {"step": [], "forward": [], "backward": [], "optimizer": []}
+    losses = []
+    prof = _profiler(profile_dir, device) if profile_dir else None
+    for i in range(warmup + steps):
+        if i == warmup:
+            _reset_memory(device)
+            if prof:
+                prof.start()
+        opt.zero_grad(set_to_none=True)
+        fw = bw = 0.0
+        total = 0.0
+        _sync(device)
+        t0 = time.perf_counter()
+        for b in micro:
+            a = time.perf_counter()
+            with amp:
+                logits = run(input_ids=b["tokens"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten())
+            _sync(device)
+            m = time.perf_counter()
+            (loss / num_micro).backward()
+            _sync(device)
+            fw, bw = fw + m - a, bw + time.perf_counter() - m
+            total += loss.item() / num_micro
+        t1 = time.perf_counter()
+        if o.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        losses.append(total)
+        if i >= warmup:
+            times["step"].append(t2 - t0)
+            times["forward"].append(fw)
+            times["backward"].append(bw)
+            times["optimizer"].append(t2 - t1)
+        if prof:
+            prof.step()
+    if prof:
+        prof.stop()
+        _report_profile(prof, profile_dir, 0)
+    times["_impl"] = "transformers Qwen3ForCausalLM, sdpa" + (", torch.compile" if compile_model else "")
+    variant = "hf-compile" if compile_model else "hf"
+    return _summary(cfg, variant, device, 1, 1, times, losses, peak_tflops(t.peak_tflops))
+
+
+# --- profiling -----------------------------------------------------------------------------------
+
+
+def _profiler(out_dir: str, device: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    return profile(activities=acts, record_shapes=False)
+
+
+def _report_profile(prof, out_dir: str, rank: int) -> None:
+    """A Chrome trace per rank plus the top operators by device (or CPU) time, printed on rank 0."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    trace = Path(out_dir) / f"trace_rank{rank}.json"
+    prof.export_chrome_trace(str(trace))
+    if rank == 0:
+        key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=20)
+        (Path(out_dir) / "top_ops.txt").write_text(table)
+        print(table, file=sys.stderr)
+        print(f"profile: {trace} (open in chrome://tracing or ui.perfetto.dev)", file=sys.stderr)
+
+
+# --- one variant per process ---------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry of one variant's process (`python -m megatron_soda.benchmarks.train`, torchrun for ours)."""
+    import logging
+    import warnings
+
+    import torch.distributed as dist
+
+    from megatron_soda.config import ConfigError, load_config, validate
+    from megatron_soda.train import init_distributed, resolve_device
+
+    ap = argparse.ArgumentParser(prog="soda bench train (one variant)")
+    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    ap.add_argument("--config")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile")
+    ap.add_argument("--out", required=True, help="the row is written here as JSON")
+    a, rest = ap.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"megatron\.core.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        cfg = load_config(a.config, rest)
+        cfg.train.device = a.device
+        device = resolve_device(cfg.train.device)
+        if a.variant.startswith("ours"):
+            validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        bench_layout(cfg.model.vocab_size)
+    except (ConfigError, ValueError) as e:
+        print(f"soda bench train: error: {e}", file=sys.stderr)
+        return 2
+    if a.variant.startswith("hf"):
+        row = bench_hf(cfg, a.steps, a.warmup, a.variant == "hf-compile", a.profile)
+    else:
+        init_distributed(device)
+        try:
+            row = bench_ours(cfg, a.steps, a.warmup, a.variant == "ours", a.profile)
+        finally:
+            from megatron.core import parallel_state as ps
+
+            ps.destroy_model_parallel()
+            dist.destroy_process_group()
+    if row is not None:
+        Path(a.out).write_text(json.dumps(row))
+    return 0
+
+
+# --- the suite: variants side by side -----------------------------------------------------------
+
+
+def run_suite(
+    config: str | None,
+    overrides: list[str],
+    variants: list[str],
+    nproc: int,
+    device: str,
+    steps: int,
+    warmup: int,
+    results: str,
+    plot_path: str | None,
+    label: str,
+    profile: str | None,
+    command: str = "",
+) -> list[dict]:
+    """Run each variant in its own process, print the table with ours/baseline ratios, append the
+    rows to `results` (JSON lines) and draw the comparison PNG."""
+    import subprocess
+    import tempfile
+
+    from megatron_soda.config import load_config
+
+    cfg = load_config(config, overrides)  # fail here, with the user's flags, before any process starts
+    dp = max(1, nproc // (cfg.parallel.tp * cfg.parallel.pp))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            out = Path(tmp) / f"{v}.json"
+            args = [
+                "--variant",
+                v,
+                "--device",
+                device,
+                "--steps",
+                str(steps),
+                "--warmup",
+                str(warmup),
+                "--out",
+                str(out),
+            ]
+            args += ["--config", config] if config else []
+            args += ["--profile", str(Path(profile) / v)] if profile else []
+            env = dict(os.environ, SODA_BENCH_DP=str(dp))
+            if v.startswith("ours") and nproc > 1:
+                env.setdefault("OMP_NUM_THREADS", "1")
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+            else:
+                cmd = [sys.executable]
+            proc = subprocess.run(
+                [*cmd, "-m", "megatron_soda.benchmarks.train", *args, *overrides],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0 or not out.is_file():
+                err = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] or proc.stderr.splitlines()[-5:]
+                raise RuntimeError(f"bench variant {v} failed (exit {proc.returncode}): " + " | ".join(err[-3:]))
+            row = json.loads(out.read_text())
+            row["label"] = (
+                label
+                or f"{row['preset']} tp{row['tp']}pp{row['pp']}dp{row['dp']} mb{row['micro_batch']} s{row['seq_len']}"
+            )
+            row["command"] = command
+            rows.append(row)
+    ours = next((r for r in rows if r["variant"] == "ours"), None)
+    for r in rows:
+        if ours is not None and r is not ours:
+            r["ours_over_this"] = ours["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
+    print(format_table(rows))
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"results appended to {results}")
+    if plot_path:
+        from megatron_soda.plots import plot_bench
+
+        print(f"plot: {plot_bench(read_results(results), plot_path)}")
+    return rows
+
+
+def read_results(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["tok/s/GPU", "TFLOP/s/GPU", "MFU", "step s", "fwd", "bwd", "sync", "opt", "peak GB", "ours/this"]
+    widths = [12, 11, 6, 8, 7, 7, 7, 7, 8, 9]
+    head = f"{'variant':<15} " + " ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True))
+    lines = [f"{rows[0]['label']}: {rows[0]['device']}, {rows[0]['dtype']}", head, "-" * len(head)]
+    for r in rows:
+        split = [r["split_s"].get(k) for k in ("forward", "backward", "grad_sync", "optimizer")]
+        cells = [
+            f"{r['tokens_per_s_per_gpu']:,.0f}",
+            f"{r['tflops_per_gpu']:.3f}",
+            f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
+            f"{r['step_time_s']:.3f}",
+            *(f"{x:.3f}" if x is not None else "-" for x in split),
+            f"{r['peak_memory_gb']:.2f}",
+            f"{r['ours_over_this']:.2f}x" if "ours_over_this" in r else "",
+        ]
+        lines.append(f"{r['variant']:<15} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
+    lines += [f"  {r['variant']}: {r['impl']}" for r in rows]
+    if rows[0]["mfu"] is None:
+        lines.append("MFU n/a: no peak FLOP/s known for this device (pass --train.peak_tflops)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

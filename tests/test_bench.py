@@ -1,0 +1,143 @@
+"""`soda bench`: the MFU formula against a hand count and torch's FLOP counter, and the train /
+tokenize benchmarks producing well-formed numbers on CPU (ours and the transformers baseline)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_soda.benchmarks.train import bench_layout, mfu
+from megatron_soda.config import ModelConfig
+from megatron_soda.model import flops_per_token
+from tests.launch import ROOT
+
+SMALL = dict(
+    hidden_size=8,
+    num_layers=1,
+    num_attention_heads=2,
+    num_query_groups=1,
+    head_dim=4,
+    ffn_hidden_size=16,
+    vocab_size=10,
+)
+
+
+def test_flops_and_mfu_hand_count():
+    m = ModelConfig(**SMALL)
+    # per layer: Q 8x8, K 8x4, V 8x4, O 8x8 = 192 weights; SwiGLU 3 x 8 x 16 = 384; LM head 8 x 10 = 80
+    # forward = 2 x 656 matmul + attention 2 x 2 x seq(4) x heads(2) x head_dim(4) = 1312 + 128
+    assert flops_per_token(m, 4) == 3 * (2 * 656 + 128) == 4320
+    # 1000 tokens/s per GPU of 4320 FLOPs on a 1e-6 TFLOP/s (1e6 FLOP/s) device = 4.32
+    assert mfu(4320, 1000, 1e-6) == pytest.approx(4.32)
+    assert mfu(4320, 1000, None) is None
+
+
+def test_flops_formula_equals_torch_flop_counter_on_the_hf_model():
+    """Counted independently: torch's FlopCounterMode over a forward+backward of transformers'
+    Qwen3 (eager attention, so the score matmuls are visible) of the same config."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen3ForCausalLM
+
+    from checkpoints_tools.qwen3_mapping import hf_config
+
+    m = ModelConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=8,
+        ffn_hidden_size=64,
+        vocab_size=96,
+    )
+    hc = hf_config(m, None, None)
+    hc._attn_implementation = "eager"
+    model = Qwen3ForCausalLM(hc)
+    batch, seq = 3, 16
+    ids = torch.randint(0, 96, (batch, seq))
+    with FlopCounterMode(display=False) as fc:
+        model(input_ids=ids).logits.float().sum().backward()
+    assert fc.get_total_flops() == flops_per_token(m, seq) * batch * seq
+
+
+def test_bench_layout_matches_the_vocabulary():
+    assert bench_layout(0).vocab_size == 144_644
+    assert bench_layout(16_974).vocab_size == 16_974
+    with pytest.raises(ValueError, match="model.vocab_size 1000"):
+        bench_layout(1000)
+
+
+def _soda(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _check_row(r):
+    for k in ("tokens_per_s_per_gpu", "tflops_per_gpu", "step_time_s", "peak_memory_gb", "loss_first", "loss_last"):
+        assert math.isfinite(r[k]) and r[k] > 0, (k, r[k])
+    assert abs(r["loss_first"] - math.log(16_974)) < 1.0  # random ids, fresh init: about log V
+    assert r["flops_per_token"] == flops_per_token(ModelConfig(**{**_TINY, "vocab_size": 16_974}), 256)
+    assert r["split_s"]["forward"] > 0 and r["split_s"]["optimizer"] > 0
+
+
+_TINY = dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=16, ffn_hidden_size=128)
+
+
+def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
+    res = tmp_path / "train.jsonl"
+    common = ["--config", "configs/tiny.yaml", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+    common += ["--results", str(res), "--plot", str(tmp_path / "train.png"), "--model.vocab_size", "16974"]
+    p = _soda("bench", "train", *common, "--variants", "ours,hf", "--train.peak_tflops", "1.0")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in res.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["ours", "hf"]
+    for r in rows:
+        _check_row(r)
+        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 1.0)
+    assert rows[1]["ours_over_this"] == pytest.approx(rows[0]["tokens_per_s_per_gpu"] / rows[1]["tokens_per_s_per_gpu"])
+    assert "ours/this" in p.stdout and "hf" in p.stdout and (tmp_path / "train.png").stat().st_size > 10_000
+    # a TP=2 layout on two ranks appends to the same file and plot
+    p = _soda("bench", "train", *common, "--variants", "ours", "--nproc", "2", "--parallel.tp", "2")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in res.read_text().splitlines()]
+    assert len(rows) == 3 and rows[2]["tp"] == 2 and rows[2]["world"] == 2
+    _check_row(rows[2])
+
+
+def test_bench_train_bad_input_is_one_line(tmp_path):
+    p = _soda("bench", "train", "--config", "configs/tiny.yaml", "--variants", "ours,megatron-lm")
+    assert p.returncode == 2 and "unknown ['megatron-lm']" in p.stderr and "Traceback" not in p.stderr
+    p = _soda("bench", "train", "--config", "configs/tiny.yaml", "--model.hiden_size", "8")
+    assert p.returncode == 2 and "hiden_size" in p.stderr and "Traceback" not in p.stderr
+    p = _soda("bench", "loader", "--parallel.tp", "2")
+    assert p.returncode == 2 and "unrecognized" in p.stderr
+
+
+def test_bench_tokenize_random_mimi(tmp_path):
+    out = tmp_path / "tok.json"
+    p = _soda(
+        "bench",
+        "tokenize",
+        "--codec",
+        "random:0",
+        "--device",
+        "cpu",
+        "--batch",
+        "1,2",
+        "--seconds",
+        "1",
+        "--reps",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["realtime_factor"] > 0
+        # 1 s at 12.5 frames/s x 8 codebooks = 100 tokens per clip (rounded up to whole frames)
+        assert r["tokens_per_s"] * r["wall_s"] == pytest.approx(r["batch"] * 13 * 8)
