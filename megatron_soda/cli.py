@@ -23,11 +23,21 @@ def _add_corpus(sub) -> None:
     p.add_argument("--utterances", type=int, default=160)
     p.add_argument("--text-docs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--s2st",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="instead: a French->English speech-translation corpus of PAIRS pairs (same voice both sides)",
+    )
 
 
 def _cmd_corpus(a) -> None:
-    from tokenization.tiny_corpus import make_corpus
+    from tokenization.tiny_corpus import make_corpus, make_s2st_corpus
 
+    if a.s2st:
+        print(f"tiny S2ST corpus: {make_s2st_corpus(a.out, a.s2st, a.seed)} ({a.s2st} fr->en pairs)")
+        return
     manifest = make_corpus(a.out, a.utterances, a.text_docs, a.seed)
     print(
         f"tiny corpus: {manifest} ({a.utterances} utterances) and {Path(a.out) / 'text'} ({a.text_docs} text documents)"
@@ -278,6 +288,69 @@ def _cmd_bench(a, rest: list[str]) -> None:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue audio/text prompts (asr, tts, s2st, continue) -> WAV + text")
+    p.add_argument("model", help="an exported HF folder, or a run directory / checkpoint (exported on the fly)")
+    p.add_argument("--task", default="continue", choices=["continue", "asr", "tts", "s2st"])
+    p.add_argument("--audio", nargs="*", default=[], help="prompt audio files (one per prompt; batched)")
+    p.add_argument("--text", nargs="*", default=[], help="prompt texts (one per prompt)")
+    p.add_argument("--out", default="generations")
+    p.add_argument(
+        "--codec", default="kyutai/mimi", help="Mimi name/path or random:<seed> (must match the training data)"
+    )
+    p.add_argument("--tokenizer", help="default: the model folder's / checkpoint's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--temperature", type=float, default=0.9, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--max-seconds", type=float, default=10.0, help="longest audio segment generated")
+    p.add_argument("--max-text-tokens", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_generate(a) -> None:
+    from megatron_soda.generate import main_cli
+
+    main_cli(a)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="likelihood benchmarks, ASR (WER), S2ST (ASR-BLEU) -> JSON + Markdown report")
+    p.add_argument("model", help="an exported HF folder, or a run directory / checkpoint")
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="KIND:FILE.jsonl",
+        help="minimal_pairs | salmon | storycloze | multiple_choice | asr | s2st, with its JSONL (repeatable)",
+    )
+    p.add_argument("--out", default="eval", help="writes OUT/report.json and OUT/report.md")
+    p.add_argument("--codec", default="kyutai/mimi")
+    p.add_argument("--tokenizer")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--asr", default="self", help="S2ST transcriber: self | hf:<model> | module:function")
+    p.add_argument("--max-seconds", type=float, default=10.0)
+
+
+def _cmd_eval(a) -> None:
+    from megatron_soda.evals import markdown, run
+
+    tasks = []
+    for t in a.task:
+        kind, sep, path = t.partition(":")
+        if not sep or not path:
+            raise ValueError(f"--task {t!r}: expected KIND:FILE.jsonl")
+        tasks.append((kind, path))
+    report = run(a.model, tasks, a.codec, a.device, a.tokenizer, a.asr, a.max_seconds)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    md = markdown(report)
+    (out / "report.md").write_text(md)
+    print(md)
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}")
+
+
 def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="loss curves of a training run as a PNG")
     p.add_argument("run_dir")
@@ -454,6 +527,8 @@ COMMANDS = {
     "inspect": (_add_inspect, _cmd_inspect),
     "bench": (_add_bench, _cmd_bench),
     "plot": (_add_plot, _cmd_plot),
+    "generate": (_add_generate, _cmd_generate),
+    "eval": (_add_eval, _cmd_eval),
     "export-hf": (_add_export, _cmd_export),
     "import-hf": (_add_import, _cmd_import),
     "launch": (_add_launch, _cmd_launch),
@@ -507,11 +582,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
         return train_command(argv[1:])
+    if argv and argv[0] == "finetune":
+        from megatron_soda.finetune import main as finetune_main
+
+        return finetune_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="soda",
         description="megatron-soda: SODA audio foundation models",
         epilog="soda train --config configs/<preset>.yaml [--nproc N] "
-        "[--section.key value ...]: train (see `soda train --help`)",
+        "[--section.key value ...]: train (see `soda train --help`); "
+        "soda finetune --init-from RUN --run-dir DIR ...: fine-tune (see `soda finetune --help`)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():

@@ -78,8 +78,9 @@ class ShardSet:
         self.vocab_size = self.index.layout.vocab_size
         self.skip_corrupt = skip_corrupt
         self.skipped_shards: list[str] = []
+        self.rows = self.index.rows  # 2: a loss-mask row follows the ids (fine-tuning sets)
         self._header = self.index.npy_header()
-        self._data_bytes = self.width * self.dtype.itemsize
+        self._data_bytes = self.rows * self.width * self.dtype.itemsize
         shards = []
         for rec in self.index.shards:
             if rec["samples"] == 0:
@@ -125,6 +126,12 @@ class ShardSet:
 
     def read(self, k: int) -> tuple[np.ndarray, bool]:
         """Sample k as stored (seq_len + 1 ids), and whether it was replaced because it is corrupt."""
+        tokens, _, corrupt = self.read_masked(k)
+        return tokens, corrupt
+
+    def read_masked(self, k: int) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """Sample k's ids, its 0/1 loss mask (None: every token is a target), and whether it was
+        replaced (all padding) because it is corrupt."""
         shard, j = self.locate(k)
         rec = self.shards[shard]
         data_at = rec["data_offset"] + j * rec["stride"]
@@ -137,16 +144,19 @@ class ShardSet:
         elif not raw[: len(name)] == name or raw[TAR_BLOCK:head] != self._header:
             problem = "member header does not match the index"
         else:
-            tokens = np.frombuffer(raw, dtype=self.dtype, offset=head)
+            data = np.frombuffer(raw, dtype=self.dtype, offset=head)
+            tokens, mask = data[: self.width], (data[self.width :] if self.rows == 2 else None)
             bad = (tokens >= self.vocab_size) & (tokens != self.sentinel)
             if bad.any():
                 problem = f"ids outside the vocabulary (max {int(tokens[bad].max())})"
+            elif mask is not None and (mask > 1).any():
+                problem = "loss mask holds values other than 0/1"
         if problem is None:
-            return tokens, False
+            return tokens, mask, False
         msg = f"{self.root / rec['file']}: sample {j}: {problem}"
         if not self.skip_corrupt:
             raise ShardReadError(msg)
-        return np.full(self.width, self.sentinel, dtype=self.dtype), True
+        return np.full(self.width, self.sentinel, dtype=self.dtype), None, True
 
 
 # --- the mixture --------------------------------------------------------------------------------
@@ -235,13 +245,17 @@ class MixtureDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """A whole micro-batch in one int32 array with padding as -1: one tensor per batch is the
         cheapest thing to ship between worker processes (inputs, labels and the loss mask are
-        derived afterwards by `split_batch`)."""
+        derived afterwards by `split_batch`). Prompt tokens of fine-tuning samples (loss mask 0) go
+        as -(id + 2), so the mask travels in the same tensor."""
         out = np.empty((len(indices), self.seq_len + 1), dtype=np.int32)
         corrupt = torch.zeros(len(indices), dtype=torch.bool)
         for row, g in enumerate(indices):
             d, k = self.locate(int(g))
-            raw, corrupt[row] = self.sets[d].read(k)
+            raw, mask, corrupt[row] = self.sets[d].read_masked(k)
             out[row] = raw
+            if mask is not None:
+                prompt = mask == 0
+                out[row][prompt] = -out[row][prompt] - 2
             out[row][raw == self.sets[d].sentinel] = PAD
         return {"sample": torch.from_numpy(out), "index": torch.tensor(indices), "corrupt": corrupt}
 
@@ -257,14 +271,16 @@ def split_batch(batch: dict[str, torch.Tensor], pad_input_id: int) -> dict[str, 
     """[B, seq_len + 1] samples -> model inputs, next-token labels and the loss mask.
 
     Padding never enters the loss; as an input position it reads `pad_input_id` (EOS), whose
-    output is masked anyway.
+    output is masked anyway. Prompt tokens (stored as -(id + 2)) are inputs but never labels.
     """
     sample = batch["sample"].long()
     valid = sample != PAD
+    prompt = sample < PAD
+    ids = torch.where(prompt, -sample - 2, sample)
     return {
-        "tokens": torch.where(valid[:, :-1], sample[:, :-1], pad_input_id),
-        "labels": torch.where(valid[:, 1:], sample[:, 1:], 0),
-        "loss_mask": (valid[:, :-1] & valid[:, 1:]).float(),
+        "tokens": torch.where(valid[:, :-1], ids[:, :-1], pad_input_id),
+        "labels": torch.where(valid[:, 1:], ids[:, 1:], 0),
+        "loss_mask": (valid[:, :-1] & valid[:, 1:] & ~prompt[:, 1:]).float(),
         "index": batch["index"],
         "corrupt": batch["corrupt"],
     }

@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+CONVENTIONS = {
+    "6nd": "C = 6 N D, N = non-embedding parameters (paper)",
+    "attention": "C = training FLOPs incl. LM head and attention (model.flops_per_token); N non-embedding",
+}
 PAPER_BUDGETS = [3e18, 9e18, 1.8e19, 3e19, 9e19, 1.8e20, 3e20]
 
 
@@ -158,6 +162,7 @@ def read_csv(path: str | Path) -> list[dict]:
         for i, r in enumerate(csv.DictReader(f), 2):
             try:
                 rows.append({k: float(r[k]) for k in ("compute", "params", "tokens", "loss")})
+                rows[-1]["flops"] = r.get("flops") or "6nd"
             except (KeyError, ValueError, TypeError):
                 raise ValueError(f"{path}:{i}: expected numeric columns compute, params, tokens, loss") from None
     return rows
@@ -254,7 +259,9 @@ def fit(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             )
     s = np.array(samples) if samples else np.full((1, 2), np.nan)
     result = {
-        "flops_convention": "C = 6 N D, N = non-embedding parameters (paper)",
+        "flops_convention": CONVENTIONS[
+            "attention" if rows and all(r.get("flops") == "attention" for r in rows) else "6nd"
+        ],
         "n_exponent": a,
         "n_coefficient": ka,
         "d_exponent": bexp,
@@ -407,6 +414,7 @@ def run_grid(plan_dir: Path, base_config: str, out: Path, nproc: int, extra: lis
                 "loss": done,
                 "name": r["name"],
                 "width": int(r["width"]),
+                "flops": r.get("flops", "6nd"),
             }
         )
     path = out / "runs.csv"

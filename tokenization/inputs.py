@@ -27,6 +27,7 @@ class Entry:
     text_path: str | None = None  # read lazily for text-only files
     speaker: str | None = None
     doc: str | None = None  # consecutive entries sharing a doc form one interleaved document
+    task: str | None = None  # "s2st": the doc is (source, target) of one translation pair
 
     @property
     def kind(self) -> str:
@@ -62,6 +63,16 @@ def _from_manifest(path: Path, out: Inputs, paired_needed: bool) -> None:
         except ValueError as e:
             out.skips.append(Skip(where, "bad_manifest_line", str(e)))
             continue
+        if "source_audio" in rec or "target_audio" in rec:
+            pair = _translation_pair(rec, base, where, f"{path.stem}:{lineno}")
+            if isinstance(pair, Skip):
+                out.skips.append(pair)
+                continue
+            if current:
+                out.docs.append(current)
+                current = []
+            out.docs.append(pair)
+            continue
         audio, text = rec.get("audio"), rec.get("text")
         if text is not None and not isinstance(text, str):
             out.skips.append(Skip(where, "bad_manifest_line", "field 'text' must be a string"))
@@ -86,6 +97,31 @@ def _from_manifest(path: Path, out: Inputs, paired_needed: bool) -> None:
         current.append(entry)
     if current:
         out.docs.append(current)
+
+
+def _translation_pair(rec: dict, base: Path, where: str, default_id: str) -> list[Entry] | Skip:
+    """A speech-translation record -> [source, target] entries whose texts carry the paper's
+    `<language>xx</language>` prefix (CVSS-T fine-tuning format)."""
+    for key in ("source_audio", "target_audio", "source_text", "target_text"):
+        if not isinstance(rec.get(key), str) or not rec[key].strip():
+            reason = "missing_transcript" if key.endswith("text") else "bad_manifest_line"
+            return Skip(where, reason, f"translation pair needs a non-empty string '{key}'")
+    rid = str(rec.get("id", default_id))
+    entries = []
+    for side in ("source", "target"):
+        lang = rec.get(f"{side}_lang")
+        text = rec[f"{side}_text"].strip()
+        entries.append(
+            Entry(
+                id=f"{rid}:{side}",
+                audio=str((base / rec[f"{side}_audio"]).resolve()),
+                text=f"<language>{lang}</language>{text}" if lang else text,
+                speaker=rec.get("speaker"),
+                doc=rid,
+                task="s2st",
+            )
+        )
+    return entries
 
 
 def _from_directory(path: Path, out: Inputs) -> None:

@@ -22,12 +22,20 @@ import numpy as np
 
 from tokenization.audio_io import AudioSkip, load_audio
 from tokenization.codec import MIMI_HF_NAME
-from tokenization.documents import Utterance, build_document, parse_formats
+from tokenization.documents import (
+    PAIRED_TASK_FORMATS,
+    S2ST_FORMATS,
+    TASK_FORMATS,
+    Utterance,
+    build_document,
+    build_task_documents,
+    parse_formats,
+)
 from tokenization.inputs import Entry, InputError, Skip, discover
 from tokenization.shards import Packer, atomic_write_text, index_entry, read_sidecar, write_index, write_shard
 from tokenization.vocab import SodaLayout
 
-PAIRED_FORMATS = ("text_first", "audio_first")
+PAIRED_FORMATS = ("text_first", "audio_first", *PAIRED_TASK_FORMATS)
 
 
 @dataclass
@@ -57,6 +65,11 @@ class PrepareConfig:
             raise ValueError("files_per_shard >= 1, num_workers >= 0, batch_seconds > 0, max_seconds > 0 expected")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank {self.rank} world_size {self.world_size}")
+
+    @property
+    def with_loss_mask(self) -> bool:
+        """Task formats train on their targets only, so their samples carry a loss-mask row."""
+        return any(f in TASK_FORMATS for f in self.formats)
 
     def output_identity(self, layout: SodaLayout, tokenizer_fp: str, codec_id: dict) -> dict:
         """Everything that changes the shards' bytes; a re-run into the same directory must match it."""
@@ -182,24 +195,41 @@ def process_unit(unit: int, docs: list[list[Entry]], cfg: PrepareConfig, shard_p
     joined_texts = [" ".join(texts[(d, i)] for i in range(len(kept[d]))) for d in joined_docs]
     joined_ids = dict(zip(joined_docs, _tokenize(tok, joined_texts), strict=True))
 
-    # 4. documents in every applicable format -> packed samples
-    packer = Packer(cfg.seq_len, layout)
+    # 4. documents in every applicable format -> packed samples (+ loss masks for task formats)
+    packer = Packer(cfg.seq_len, layout, with_mask=cfg.with_loss_mask)
     samples: list[np.ndarray] = []
     for d, doc in enumerate(kept):
         if not doc:
             continue
         kind = doc[0].kind
-        fmts = cfg.formats if kind == "paired" else ["audio_only" if kind == "audio" else "text_only"]
+        if doc[0].task == "s2st":
+            fmts = [f for f in cfg.formats if f in S2ST_FORMATS]
+        elif kind == "paired":
+            fmts = [f for f in cfg.formats if f not in S2ST_FORMATS]
+        else:
+            fmts = ["audio_only" if kind == "audio" else "text_only"]
+        if not fmts or (doc[0].task == "s2st" and len(doc) != 2):
+            why = "no requested format applies" if not fmts else "a file of the pair was unusable"
+            skips.append(
+                Skip(doc[0].doc or doc[0].id, "no_applicable_format", f"{why} (--formats {','.join(cfg.formats)})")
+            )
+            continue
         for fmt in fmts:
             if fmt == "text_only":
                 utts = [Utterance(joined_ids[d], None)]
             else:
                 utts = [Utterance(text_ids.get((d, i)), audio_ids.get((d, i))) for i in range(len(doc))]
-            tokens = build_document(utts, fmt, layout)
-            stats[f"docs_{fmt}"] += 1
-            stats["audio_tokens"] += int(layout.is_audio(tokens).sum())
-            stats["text_tokens"] += int(layout.is_text(tokens).sum())
-            samples += packer.add(tokens)
+            if fmt in TASK_FORMATS:
+                built = build_task_documents(utts, fmt, layout)
+            else:
+                built = [(build_document(utts, fmt, layout), None)]
+            for tokens, mask in built:
+                stats[f"docs_{fmt}"] += 1
+                stats["audio_tokens"] += int(layout.is_audio(tokens).sum())
+                stats["text_tokens"] += int(layout.is_text(tokens).sum())
+                if mask is not None:
+                    stats["target_tokens"] += int(mask.sum())
+                samples += packer.add(tokens, mask)
     samples += packer.finish()
 
     record = {
@@ -386,6 +416,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
             "codec": {"name": cfg.codec, **identity["codec"]},
             "num_codebooks": cfg.num_codebooks,
             "formats": cfg.formats,
+            "loss_mask": cfg.with_loss_mask,
             "summary": summary,
         }
         write_index(out, layout, cfg.seq_len, shards, meta)

@@ -6,6 +6,9 @@ can stream it. Every member has the same size, so sample k of a shard sits at a 
 the index records it, which lets the training loader read any sample directly (global shuffle,
 exact resume, any DP degree) instead of streaming.
 
+Fine-tuning shard sets (index field `loss_mask: true`) store each sample as a [2, seq_len + 1]
+array: the ids, then a 0/1 row saying which tokens are targets (the loss skips the rest).
+
 Shards appear atomically: written under a temporary name, checked, renamed, and only then is the
 `.json` sidecar written. A shard without its sidecar is unfinished and is redone on re-run.
 """
@@ -46,38 +49,47 @@ class Packer:
     partial sample is padded with the layout's sentinel, which the loader masks out of the loss.
     """
 
-    def __init__(self, seq_len: int, layout: SodaLayout) -> None:
+    def __init__(self, seq_len: int, layout: SodaLayout, with_mask: bool = False) -> None:
         self.width = seq_len + 1
         self.layout = layout
         self.dtype = layout.storage_dtype
-        self._buf: list[np.ndarray] = []
+        self.with_mask = with_mask
+        self._buf: list[np.ndarray] = []  # [rows, n] pieces: ids (and the loss-mask row)
         self._buffered = 0
         self.doc_tokens = 0
         self.pad_tokens = 0
 
-    def add(self, doc: np.ndarray) -> list[np.ndarray]:
-        self._buf.append(np.asarray(doc, dtype=self.dtype))
+    def add(self, doc: np.ndarray, mask: np.ndarray | None = None) -> list[np.ndarray]:
+        rows = [np.asarray(doc, dtype=self.dtype)]
+        if self.with_mask:
+            rows.append(np.ones(len(doc), dtype=self.dtype) if mask is None else np.asarray(mask, dtype=self.dtype))
+        self._buf.append(np.stack(rows))
         self._buffered += len(doc)
         self.doc_tokens += len(doc)
         out = []
         if self._buffered >= self.width:
-            stream = np.concatenate(self._buf)
+            stream = np.concatenate(self._buf, axis=1)
             start = 0
-            while len(stream) - start >= self.width:
-                out.append(stream[start : start + self.width])
+            while stream.shape[1] - start >= self.width:
+                out.append(self._sample(stream[:, start : start + self.width]))
                 start += self.width - 1
-            self._buf = [stream[start:]]
-            self._buffered = len(stream) - start
+            self._buf = [stream[:, start:]]
+            self._buffered = stream.shape[1] - start
         return out
+
+    def _sample(self, rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(rows if self.with_mask else rows[0])
 
     def finish(self) -> list[np.ndarray]:
         if self._buffered <= 1:  # a lone token was already the last label of the previous sample
             return []
-        stream = np.concatenate(self._buf)
-        pad = self.width - len(stream)
+        stream = np.concatenate(self._buf, axis=1)
+        pad = self.width - stream.shape[1]
         self.pad_tokens += pad
         self._buf, self._buffered = [], 0
-        return [np.concatenate([stream, np.full(pad, self.layout.pad_sentinel, dtype=self.dtype)])]
+        fill = np.zeros((stream.shape[0], pad), dtype=self.dtype)
+        fill[0] = self.layout.pad_sentinel
+        return [self._sample(np.concatenate([stream, fill], axis=1))]
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -86,23 +98,25 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _member_offsets(path: Path, width: int, dtype: np.dtype) -> tuple[int, int, int]:
+def _member_offsets(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, int, int]:
     """(first data offset, stride, count) of the samples of a written tar; checks they form one
     arithmetic series, which is what lets the loader compute any sample's position."""
     with tarfile.open(path, "r:") as tar:
         members = tar.getmembers()
-    header = len(npy_header(width, dtype))
+    rows = shape[0] if len(shape) == 2 else 1
+    header = len(npy_header(shape[-1], dtype, rows))
     offsets = [m.offset_data + header for m in members]
     stride = offsets[1] - offsets[0] if len(offsets) > 1 else 0
     for i, m in enumerate(members):
-        if m.size != header + width * dtype.itemsize or offsets[i] != offsets[0] + i * stride:
+        if m.size != header + rows * shape[-1] * dtype.itemsize or offsets[i] != offsets[0] + i * stride:
             raise ShardFormatError(f"{path}: member {m.name} is not a fixed-size sample")
     return (offsets[0] if offsets else 0), stride, len(members)
 
 
-def npy_header(width: int, dtype: np.dtype) -> bytes:
+def npy_header(width: int, dtype: np.dtype, rows: int = 1) -> bytes:
     """The .npy header every sample of a shard set carries (checked on every read)."""
-    return _npy_bytes(np.zeros(width, dtype=dtype))[: -width * dtype.itemsize]
+    shape = (width,) if rows == 1 else (rows, width)
+    return _npy_bytes(np.zeros(shape, dtype=dtype))[: -rows * width * dtype.itemsize]
 
 
 def write_shard(path: Path, samples: list[np.ndarray], shard_id: int, stats: dict) -> dict:
@@ -118,7 +132,7 @@ def write_shard(path: Path, samples: list[np.ndarray], shard_id: int, stats: dic
         os.fsync(f.fileno())
     record = dict(stats, file=path.name, key_prefix=f"{shard_id:06d}", samples=len(samples), bytes=tmp.stat().st_size)
     if samples:
-        data_offset, stride, n = _member_offsets(tmp, len(samples[0]), samples[0].dtype)
+        data_offset, stride, n = _member_offsets(tmp, samples[0].shape, samples[0].dtype)
         if n != len(samples):
             raise ShardFormatError(f"{tmp}: wrote {len(samples)} samples, read back {n}")
         record.update(data_offset=data_offset, stride=stride)
@@ -166,6 +180,11 @@ class ShardIndex:
         return self.seq_len + 1
 
     @property
+    def rows(self) -> int:
+        """2 when samples carry a loss-mask row (fine-tuning sets), else 1."""
+        return 2 if self.meta.get("loss_mask") else 1
+
+    @property
     def num_samples(self) -> int:
         return sum(s["samples"] for s in self.shards)
 
@@ -174,7 +193,7 @@ class ShardIndex:
         return sum(s["tokens"] for s in self.shards)
 
     def npy_header(self) -> bytes:
-        return npy_header(self.width, self.dtype)
+        return npy_header(self.width, self.dtype, self.rows)
 
     def check_compatible(self, layout: SodaLayout, seq_len: int | None = None) -> None:
         layout.check_same(self.layout, f"shard set {self.root}")

@@ -142,3 +142,87 @@ def make_corpus(out_dir: str | Path, num_utterances: int = 240, num_text_docs: i
         (out / "text" / f"doc{j:03d}.txt").write_text(" ".join(rest[j * 6 : (j + 1) * 6]) + "\n")
     (out / "sentences.txt").write_text("\n".join(texts) + "\n")
     return manifest
+
+
+# --- the tiny speech-to-speech translation corpus (French -> English) ---------------------------
+
+_S2ST_SUBJECTS = (
+    ("the cat", "le chat"),
+    ("the dog", "le chien"),
+    ("my brother", "mon frère"),
+    ("the teacher", "le professeur"),
+    ("the baker", "le boulanger"),
+    ("the child", "l'enfant"),
+    ("my father", "mon père"),
+    ("the doctor", "le médecin"),
+)
+_S2ST_VERBS = (
+    ("found", "a trouvé"),
+    ("opened", "a ouvert"),
+    ("painted", "a peint"),
+    ("watched", "a regardé"),
+    ("repaired", "a réparé"),
+    ("carried", "a porté"),
+)
+_S2ST_OBJECTS = (
+    ("the red box", "la boîte rouge"),
+    ("a small boat", "un petit bateau"),
+    ("the old clock", "la vieille horloge"),
+    ("a green apple", "une pomme verte"),
+    ("the big door", "la grande porte"),
+    ("a paper map", "une carte en papier"),
+)
+_S2ST_PLACES = (
+    ("in the garden", "dans le jardin"),
+    ("at the market", "au marché"),
+    ("this morning", "ce matin"),
+    ("near the river", "près de la rivière"),
+    ("yesterday", "hier"),
+)
+# one voice variant per pair, used for both languages: the target keeps the source's voice
+S2ST_VARIANTS = ("m1", "m3", "m7", "f2", "f4")
+
+
+def parallel_sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(French, English) pairs from a seeded parallel grammar (passé composé with avoir: no agreement)."""
+    rng = random.Random(seed)
+    combos = [(s, v, o, p) for s in _S2ST_SUBJECTS for v in _S2ST_VERBS for o in _S2ST_OBJECTS for p in _S2ST_PLACES]
+    rng.shuffle(combos)
+    out = []
+    for s, v, o, p in combos[:n]:
+        fr = f"{s[1]} {v[1]} {o[1]} {p[1]}."
+        en = f"{s[0]} {v[0]} {o[0]} {p[0]}."
+        out.append((fr[0].upper() + fr[1:], en[0].upper() + en[1:]))
+    return out
+
+
+def make_s2st_corpus(out_dir: str | Path, num_pairs: int = 64, seed: int = 0) -> Path:
+    """OUT/audio/{fr,en}_*.wav and OUT/s2st.jsonl (source_audio/source_text/source_lang, target_*),
+    plus OUT/sentences.txt (both languages, for a tokenizer). Returns the manifest path."""
+    exe = require_espeak()
+    out = Path(out_dir)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    lines = []
+    pairs = parallel_sentences(num_pairs, seed)
+    for i, (fr, en) in enumerate(pairs):
+        variant, speed = rng.choice(S2ST_VARIANTS), str(rng.randint(140, 180))
+        for lang, voice, text in (("fr", f"fr+{variant}", fr), ("en", f"en-us+{variant}", en)):
+            wav = out / "audio" / f"{lang}_{i:04d}.wav"
+            if not wav.is_file():
+                subprocess.run([exe, "-v", voice, "-s", speed, "-w", str(wav), text], check=True, capture_output=True)
+        rec = {
+            "id": f"pair{i:04d}",
+            "source_audio": f"audio/fr_{i:04d}.wav",
+            "source_text": fr,
+            "source_lang": "fr",
+            "target_audio": f"audio/en_{i:04d}.wav",
+            "target_text": en,
+            "target_lang": "en",
+            "speaker": f"espeak+{variant}",
+        }
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    manifest = out / "s2st.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "sentences.txt").write_text("\n".join(t for p in pairs for t in p) + "\n", encoding="utf-8")
+    return manifest

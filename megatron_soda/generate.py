@@ -1,0 +1,274 @@
+"""`soda generate`: continue prompts (audio and/or text) with a trained model, batched with a KV cache.
+
+Inference goes through transformers' Qwen3ForCausalLM: an exported folder loads directly and a
+megatron checkpoint is exported first (in a child process, so the CPU backend's redirections never
+touch this one). Sampling is constrained to what the token layout allows: inside an audio segment
+position k of a frame may only hold codebook k's ids, a segment ends (`<|audio_end|>`) only on a
+frame boundary and is forced to end at `max_seconds`; outside audio, no audio ids. So whatever is
+sampled decodes: audio segments to WAV through Mimi, text to text.
+
+Prompts follow the paper's evaluation templates (shared spec section 8):
+  asr       <|audio_start|>{audio}<|audio_end|><|text_start|>        -> text until <|text_end|>
+  tts       <|text_start|>{text}<|text_end|><|audio_start|>           -> audio until <|audio_end|>
+  s2st      <|audio_start|>{source}<|audio_end|>                      -> [texts] target audio, EOS
+  continue  <|audio_start|>{audio}  or  <|text_start|>{text}          -> more of the same
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TASKS = ("continue", "asr", "tts", "s2st")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    max_seconds: float = 10.0  # per generated audio segment
+    max_text_tokens: int = 200
+    seed: int = 0
+
+
+@dataclass
+class Generated:
+    ids: list[int]  # the new tokens
+    text: str = ""
+    audio: np.ndarray | None = None  # float32 at the codec's rate
+    frames: int = 0
+    segments: list[dict] = field(default_factory=list)
+
+
+def load_model(source: str, device: str = "cpu", tokenizer: str | None = None):
+    """(HF model, tokenizer, layout) from an exported HF folder or a megatron-soda checkpoint."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    from tokenization.text_tokenizer import layout_of
+
+    folder = Path(source)
+    tmp = None
+    if not (folder / "config.json").is_file():
+        tmp = tempfile.TemporaryDirectory(prefix="soda-hf-")
+        folder = Path(tmp.name) / "model"
+        cmd = [sys.executable, "-m", "megatron_soda.cli", "export-hf", source, str(folder)]
+        if tokenizer:
+            cmd += ["--tokenizer", tokenizer]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(
+                f"{source}: not an HF folder, and exporting it as a checkpoint failed: {p.stderr.strip()}"
+            )
+    model = Qwen3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    tok_src = tokenizer or str(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_src)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"no tokenizer at {tok_src} (pass --tokenizer): {e}") from None
+    layout = layout_of(tok)
+    if layout.vocab_size != model.config.vocab_size:
+        raise RuntimeError(f"tokenizer has {layout.vocab_size} ids, the model {model.config.vocab_size}")
+    if tmp is not None:
+        model._soda_tmp = tmp  # keep the exported files until the model goes away
+    return model, tok, layout
+
+
+class LayoutConstraint:
+    """A logits processor that keeps sampling inside the token layout (see the module docstring)."""
+
+    def __init__(self, layout, max_frames: int) -> None:
+        self.L = layout
+        self.max_frames = max_frames
+        K, C = layout.codebooks, layout.codebook_size
+        self.delims = torch.tensor([layout.text_start, layout.text_end, layout.audio_start, layout.audio_end])
+        self.codebook_slices = [(layout.audio_offset + k * C, layout.audio_offset + (k + 1) * C) for k in range(K)]
+
+    def _state(self, row: list[int]) -> tuple[str, int]:
+        """('audio', tokens since <|audio_start|>) | ('text', 0) | ('between', 0)."""
+        L = self.L
+        for back, t in enumerate(reversed(row)):
+            if t == L.audio_start:
+                return "audio", back
+            if t == L.text_start:
+                return "text", 0
+            if t in (L.audio_end, L.text_end):
+                return "between", 0
+        return "between", 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        L = self.L
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        for i, row in enumerate(input_ids.tolist()):
+            state, n = self._state(row)
+            if state == "audio":
+                k = n % L.codebooks
+                lo, hi = self.codebook_slices[k]
+                if not (k == 0 and n // L.codebooks >= self.max_frames):
+                    allowed[i, lo:hi] = True
+                if k == 0:
+                    allowed[i, L.audio_end] = True
+            elif state == "text":
+                allowed[i, : L.text_vocab_size] = True
+                allowed[i, L.text_end] = True
+            else:
+                allowed[i, : L.text_vocab_size] = True
+                allowed[i, L.text_start] = True
+                allowed[i, L.audio_start] = True
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+def audio_prompt_ids(paths: list[str], codec, layout) -> list[np.ndarray]:
+    from tokenization.audio_io import AudioSkip, load_audio
+
+    clips = []
+    for p in paths:
+        try:
+            clips.append(load_audio(p, codec.sample_rate).samples)
+        except AudioSkip as e:
+            raise ValueError(f"{p}: unusable audio ({e.reason})") from None
+    return [layout.codes_to_ids(c) for c in codec.encode(clips)]
+
+
+def build_prompt(task: str, layout, audio_ids: np.ndarray | None, text_ids: list[int] | None) -> list[int]:
+    L = layout
+    a = [] if audio_ids is None else [int(x) for x in audio_ids]
+    t = list(text_ids or [])
+    if task == "asr":
+        if audio_ids is None:
+            raise ValueError("asr needs --audio")
+        return [L.bos_id, L.audio_start, *a, L.audio_end, L.text_start]
+    if task == "tts":
+        if text_ids is None:
+            raise ValueError("tts needs --text")
+        return [L.bos_id, L.text_start, *t, L.text_end, L.audio_start]
+    if task == "s2st":
+        if audio_ids is None:
+            raise ValueError("s2st needs --audio (the source speech)")
+        return [L.bos_id, L.audio_start, *a, L.audio_end]
+    if task == "continue":
+        prompt = [L.bos_id]
+        if text_ids is not None:
+            prompt += [L.text_start, *t] + ([L.text_end] if audio_ids is not None else [])
+        if audio_ids is not None:
+            prompt += [L.audio_start, *a]
+        return prompt
+    raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+
+
+def stop_ids(task: str, layout) -> list[int]:
+    L = layout
+    return {"asr": [L.text_end, L.eos_id], "tts": [L.audio_end, L.eos_id]}.get(task, [L.eos_id])
+
+
+def split_segments(prompt: list[int], new: list[int], layout) -> list[dict]:
+    """The generated tokens as segments: {"kind": "text"|"audio", "ids": [...]}. A segment opened in
+    the prompt (asr's text, tts's audio, continuations) continues into the generated part."""
+    L = layout
+    kind = LayoutConstraint(layout, 0)._state(prompt)[0]
+    segs: list[dict] = []
+    cur: list[int] = []
+
+    def flush(k):
+        if cur:
+            segs.append({"kind": k, "ids": list(cur)})
+            cur.clear()
+
+    state = "text" if kind in ("text", "between") else "audio"
+    for t in new:
+        if t in (L.audio_start, L.text_start):
+            flush(state)
+            state = "audio" if t == L.audio_start else "text"
+        elif t in (L.audio_end, L.text_end, L.eos_id, L.bos_id):
+            flush(state)
+            state = "text"
+        else:
+            cur.append(t)
+    flush(state)
+    return segs
+
+
+@torch.no_grad()
+def generate(model, tok, layout, prompts: list[list[int]], task: str, s: SamplingConfig, codec=None) -> list[Generated]:
+    """Batched sampling with a KV cache (left-padded prompts); audio decoded when a codec is given."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    torch.manual_seed(s.seed)
+    width = max(len(p) for p in prompts)
+    pad = layout.eos_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    max_frames = max(1, int(round(s.max_seconds * 12.5)))
+    max_new = max_frames * layout.codebooks + 2 * s.max_text_tokens + 8
+    if task == "asr":
+        max_new = s.max_text_tokens + 1
+    greedy = s.temperature <= 0
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new,
+        do_sample=not greedy,
+        temperature=None if greedy else s.temperature,
+        top_k=(s.top_k or None) if not greedy else None,
+        top_p=s.top_p if not greedy and s.top_p < 1 else None,
+        eos_token_id=stop_ids(task, layout),
+        pad_token_id=pad,
+        logits_processor=LogitsProcessorList([LayoutConstraint(layout, max_frames)]),
+    )
+    results = []
+    stops = set(stop_ids(task, layout))
+    for i, p in enumerate(prompts):
+        new = out[i, width:].tolist()
+        cut = next((j for j, t in enumerate(new) if t in stops), None)
+        new = new[: cut + 1] if cut is not None else new
+        segs = split_segments(p, new, layout)
+        g = Generated(ids=new, segments=segs)
+        g.text = " ".join(tok.decode(sg["ids"]).strip() for sg in segs if sg["kind"] == "text").strip()
+        audio = [x for sg in segs if sg["kind"] == "audio" for x in sg["ids"]]
+        if audio:
+            codes = layout.ids_to_codes(np.asarray(audio))
+            g.frames = len(codes)
+            if codec is not None and len(codes):
+                g.audio = codec.decode(codes[:, : codec.num_codebooks])
+        results.append(g)
+    return results
+
+
+def main_cli(a) -> None:
+    """`soda generate` (arguments parsed by the CLI)."""
+    import soundfile as sf
+
+    from tokenization.codec import MimiCodec
+
+    model, tok, layout = load_model(a.model, a.device, a.tokenizer)
+    codec = MimiCodec.load(a.codec, a.device)
+    audio = audio_prompt_ids(a.audio, codec, layout) if a.audio else []
+    texts = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in (a.text or [])]
+    n = max(len(audio), len(texts), 1)
+    if (audio and len(audio) != n) or (texts and len(texts) != n):
+        raise ValueError(f"--audio gave {len(audio)} prompts and --text {len(texts)}: give one each per prompt")
+    prompts = [build_prompt(a.task, layout, audio[i] if audio else None, texts[i] if texts else None) for i in range(n)]
+    s = SamplingConfig(a.temperature, a.top_k, a.top_p, a.max_seconds, a.max_text_tokens, a.seed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, g in enumerate(generate(model, tok, layout, prompts, a.task, s, codec)):
+        row = {"prompt": i, "text": g.text, "frames": g.frames, "new_tokens": len(g.ids)}
+        if g.audio is not None:
+            wav = out / f"{i:03d}.wav"
+            sf.write(str(wav), g.audio, codec.sample_rate)
+            row.update(wav=str(wav), seconds=round(len(g.audio) / codec.sample_rate, 3))
+        rows.append(row)
+        print(json.dumps(row, ensure_ascii=False))
+    (out / "generations.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
