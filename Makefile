@@ -32,4 +32,4 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) data/tiny artifacts .pytest_cache
+	rm -rf $(VENV) data/tiny data/tiny-s2st artifacts .pytest_cache

@@ -37,6 +37,16 @@ echo "== 7. export to Hugging Face (Qwen3ForCausalLM + the SODA tokenizer), veri
 $SODA export-hf $OUT/run $OUT/hf --verify --force
 
 echo
+echo "== 8. fine-tune for speech-to-speech translation (fr -> en, same voice) and generate"
+$SODA corpus --s2st 32 --out data/tiny-s2st
+$SODA prepare --input data/tiny-s2st/s2st.jsonl --output $OUT/shards-s2st --tokenizer $OUT/tokenizer \
+  --codec random:0 --seq-len 256 --formats s2st,s2st_direct --no-progress > /dev/null
+$SODA finetune --init-from $OUT/run --config configs/finetune-tiny.yaml --run-dir $OUT/s2st --device cpu \
+  --data.paths "[$OUT/shards-s2st]" --data.val_paths "[$OUT/shards-s2st]" --train.eval_interval 30
+$SODA generate $OUT/s2st --task s2st --audio data/tiny-s2st/audio/fr_0000.wav data/tiny-s2st/audio/fr_0001.wav \
+  --codec random:0 --tokenizer $OUT/tokenizer --max-seconds 3 --out $OUT/s2st-gen
+
+echo
 echo "checkpoints: $OUT/run/checkpoints (latest: $(cat $OUT/run/checkpoints/latest))"
 echo "TensorBoard: .venv/bin/tensorboard --logdir $OUT/run/tensorboard; metrics: $OUT/run/metrics.jsonl"
 echo "(run again to resume: it continues from the latest checkpoint; delete $OUT/run to start over)"
