@@ -35,7 +35,7 @@ from tokenization.inputs import Entry, InputError, Skip, discover
 from tokenization.shards import Packer, atomic_write_text, index_entry, read_sidecar, write_index, write_shard
 from tokenization.vocab import SodaLayout
 
-PAIRED_FORMATS = ("text_first", "audio_first", *PAIRED_TASK_FORMATS)
+PAIRED_FORMATS = ("text_first", "audio_first")  # the pretraining default: both orders, as the paper
 
 
 @dataclass
@@ -325,7 +325,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     from tokenization.text_tokenizer import tokenizer_fingerprint
 
     cfg.validate()
-    paired_needed = any(f in PAIRED_FORMATS for f in cfg.formats)
+    paired_needed = any(f in PAIRED_FORMATS + PAIRED_TASK_FORMATS for f in cfg.formats)
     inputs = discover(cfg.inputs, paired_needed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
