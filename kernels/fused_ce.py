@@ -1,13 +1,15 @@
 """Fused output layer + cross-entropy (vocab-parallel), chunked over tokens.
 
 The logits of a 144,644-id vocabulary dominate a small model's activation memory (tokens x V fp32).
-Here they exist only one chunk of tokens at a time: forward computes each chunk's logits with a
-matmul, reduces them in a Triton kernel to this TP rank's (max, sum of exp, target logit), and
-combines those across the TP group exactly as megatron-core's vocab-parallel cross-entropy does;
-backward recomputes the chunk's logits, turns them into the softmax gradient in place (Triton) and
-does the two matmuls for d(hidden) and d(weight). Padding rows of the vocabulary are masked, so
-they never receive probability mass. Returns per-token NLL and log Z (for z-loss and the
-per-modality loss breakdown).
+Here they exist only one chunk of tokens at a time, in the matmul's dtype (bf16 on GPU, as torch's
+path before its .float()): each chunk's logits come from a cuBLAS matmul, a Triton kernel reduces
+them to this TP rank's (max, sum of exp, target logit), combined across the TP group exactly as
+megatron-core's vocab-parallel cross-entropy does, and a second Triton kernel turns them in place
+into the softmax gradient, followed by the two matmuls for d(hidden) and d(weight). The training
+path (`loss_weight` given) does that gradient work in the forward, while the chunk's logits are at
+hand; the general path (any upstream gradient on NLL and log Z) recomputes them in backward.
+Padding rows of the vocabulary are masked, so they never receive probability mass. Per-token NLL
+and log Z come back for z-loss and the per-modality loss breakdown.
 """
 
 from __future__ import annotations
@@ -101,33 +103,62 @@ def _stats(logits: torch.Tensor, labels: torch.Tensor, n_real: int, start: int):
     return m, s, t
 
 
+def _combine_tp(m, s, t, group):
+    """This rank's (max, sum exp, target logit) -> the TP group's, as vocab_parallel_cross_entropy."""
+    gm = m.clone()
+    dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)
+    s = s * torch.exp(torch.where(torch.isinf(m), torch.full_like(m, float("-inf")), m - gm))
+    dist.all_reduce(s, group=group)
+    dist.all_reduce(t, group=group)
+    return gm, s, t
+
+
+def _softmax_grad_(logits, labels, lse, g_nll, g_lse, n_real: int, start: int) -> None:
+    rows = logits.shape[0]
+    _ce_grad[(triton.cdiv(rows, BLOCK_T),)](
+        logits,
+        labels,
+        lse.contiguous(),
+        g_nll.contiguous(),
+        g_lse.contiguous(),
+        rows,
+        V=logits.shape[1],
+        n_real=n_real,
+        start=start,
+        BLOCK_T=BLOCK_T,
+        BLOCK_V=BLOCK_V,
+    )
+
+
+def _chunk_stats(h, weight, labels, n_real: int, start: int, group):
+    """One chunk: logits in the weight's dtype (the matmul accumulates in fp32, as torch's bf16 path;
+    the Triton reductions read them in fp32), then (lse, nll) over the whole vocabulary."""
+    logits = h @ weight.t()
+    m, s, t = _stats(logits, labels, n_real, start)
+    if group is not None:
+        m, s, t = _combine_tp(m, s, t, group)
+    lse = torch.log(s) + m
+    return logits, lse, lse - t
+
+
 class FusedLinearCE(torch.autograd.Function):
+    """(nll, log Z) per token, any upstream gradient: backward recomputes each chunk's logits."""
+
     @staticmethod
     def forward(
         ctx, hidden, weight, labels, vocab_start: int, real_vocab: int, chunk: int, group, reduce_grad_input: bool
     ):
         n = hidden.shape[0]
-        v_local = weight.shape[0]
-        n_real = max(0, min(v_local, real_vocab - vocab_start))
-        tp = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+        n_real = max(0, min(weight.shape[0], real_vocab - vocab_start))
+        tp_group = group if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1 else None
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         nll = torch.empty_like(lse)
         h = hidden.to(weight.dtype)
         for c0 in range(0, n, chunk):
             sl = slice(c0, min(n, c0 + chunk))
-            logits = (h[sl] @ weight.t()).float().contiguous()
-            m, s, t = _stats(logits, labels[sl], n_real, vocab_start)
-            if tp > 1:
-                gm = m.clone()
-                dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)
-                s = s * torch.exp(torch.where(torch.isinf(m), torch.full_like(m, float("-inf")), m - gm))
-                dist.all_reduce(s, group=group)
-                dist.all_reduce(t, group=group)
-                m = gm
-            lse[sl] = torch.log(s) + m
-            nll[sl] = lse[sl] - t
+            _, lse[sl], nll[sl] = _chunk_stats(h[sl], weight, labels[sl], n_real, vocab_start, tp_group)
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.meta = (vocab_start, n_real, chunk, group if tp > 1 and reduce_grad_input else None)
+        ctx.meta = (vocab_start, n_real, chunk, tp_group if reduce_grad_input else None)
         return nll, lse
 
     @staticmethod
@@ -142,26 +173,67 @@ class FusedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for c0 in range(0, n, chunk):
             sl = slice(c0, min(n, c0 + chunk))
-            logits = (h[sl] @ weight.t()).float().contiguous()
-            rows = logits.shape[0]
-            _ce_grad[(triton.cdiv(rows, BLOCK_T),)](
-                logits,
-                labels[sl],
-                lse[sl].contiguous(),
-                g_nll[sl],
-                g_lse[sl],
-                rows,
-                V=logits.shape[1],
-                n_real=n_real,
-                start=start,
-                BLOCK_T=BLOCK_T,
-                BLOCK_V=BLOCK_V,
-            )
-            grad_h[sl] = logits @ weight.float()
-            grad_w += logits.t() @ h[sl].float()
+            logits = h[sl] @ weight.t()
+            _softmax_grad_(logits, labels[sl], lse[sl], g_nll[sl], g_lse[sl], n_real, start)
+            grad_h[sl] = logits @ weight
+            grad_w += logits.t() @ h[sl]
         if reduce_group is not None:  # every TP rank holds part of the vocabulary: sum their d(hidden)
             dist.all_reduce(grad_h, group=reduce_group)
         return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
+
+
+class FusedLinearCELoss(torch.autograd.Function):
+    """loss = sum(w * (nll + z * logZ^2)) with its gradients computed in the forward, while each
+    chunk's logits are at hand (as Liger-Kernel does): no recomputation in backward, so the output
+    layer costs the same three N x V x h matmuls as the unfused path, without its logits memory.
+    nll and log Z come back detached, for logging."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        labels,
+        loss_weight,
+        vocab_start: int,
+        real_vocab: int,
+        chunk: int,
+        group,
+        reduce_grad_input: bool,
+        z_loss: float,
+        need_grad: bool,
+    ):
+        n = hidden.shape[0]
+        n_real = max(0, min(weight.shape[0], real_vocab - vocab_start))
+        tp_group = group if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1 else None
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        nll = torch.empty_like(lse)
+        w = loss_weight.float()
+        h = hidden.to(weight.dtype)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        for c0 in range(0, n, chunk):
+            sl = slice(c0, min(n, c0 + chunk))
+            logits, lse[sl], nll[sl] = _chunk_stats(h[sl], weight, labels[sl], n_real, vocab_start, tp_group)
+            if need_grad:
+                _softmax_grad_(logits, labels[sl], lse[sl], w[sl], 2 * z_loss * w[sl] * lse[sl], n_real, vocab_start)
+                grad_h[sl] = logits @ weight
+                grad_w += logits.t() @ h[sl]
+        if need_grad and tp_group is not None and reduce_grad_input:
+            dist.all_reduce(grad_h, group=tp_group)
+        loss = (w * (nll + z_loss * lse.square())).sum()
+        ctx.mark_non_differentiable(nll, lse)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return nll, lse, loss
+
+    @staticmethod
+    def backward(ctx, _g_nll, _g_lse, g_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is None:
+            raise RuntimeError("fused_linear_cross_entropy: backward through a forward run without gradients")
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * g_loss).to(h_dtype), (grad_w * g_loss).to(w_dtype), *([None] * 9)
 
 
 def fused_linear_cross_entropy(
@@ -173,11 +245,21 @@ def fused_linear_cross_entropy(
     chunk: int = 4096,
     group=None,
     reduce_grad_input: bool = True,
+    loss_weight=None,
+    z_loss: float = 0.0,
 ):
     """hidden [N, h] (replicated over TP), weight [V_local, h] (this rank's vocab rows), labels [N]
     (global ids) -> (nll [N], log_z [N]). Each TP rank's d(hidden) covers only its vocabulary rows;
     they are all-reduced over `group` here, unless the caller's own communication does it
-    (`reduce_grad_input=False`: sequence parallelism's gather, whose backward reduce-scatters)."""
-    return FusedLinearCE.apply(
-        hidden.contiguous(), weight, labels.contiguous(), vocab_start, real_vocab, chunk, group, reduce_grad_input
+    (`reduce_grad_input=False`: sequence parallelism's gather, whose backward reduce-scatters).
+
+    With `loss_weight` [N] (the loss mask): -> (nll, log_z, loss), loss = sum(w * (nll + z_loss *
+    log_z^2)) the one differentiable output, its gradients computed during the forward (the
+    training path: 3/4 of the matmuls of the recomputing backward)."""
+    args = (hidden.contiguous(), weight, labels.contiguous())
+    if loss_weight is None:
+        return FusedLinearCE.apply(*args, vocab_start, real_vocab, chunk, group, reduce_grad_input)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return FusedLinearCELoss.apply(
+        *args, loss_weight.reshape(-1), vocab_start, real_vocab, chunk, group, reduce_grad_input, z_loss, need_grad
     )

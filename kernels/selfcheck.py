@@ -78,17 +78,33 @@ def main() -> int:
     logits = (hr @ wr.t()).masked_fill(torch.arange(padded, device=dev) >= real, float("-inf"))
     lse_r = torch.logsumexp(logits, -1)
     nll_r = lse_r - logits.gather(1, labels[:, None])[:, 0]
-    (nll_r.sum() + 1e-2 * lse_r.square().sum()).backward()
-    out["ce_nll"] = float((nll.float() - nll_r).abs().max())
-    out["ce_lse"] = float((lse.float() - lse_r).abs().max())
+    (nll_r.sum() + 1e-2 * lse_r.square().sum()).backward(retain_graph=True)
+    out["ce_nll"] = float((nll.detach().float() - nll_r.detach()).abs().max())
+    out["ce_lse"] = float((lse.detach().float() - lse_r.detach()).abs().max())
     out["ce_grad_hidden"] = float((hl.grad.float() - hr.grad).abs().max())
     out["ce_grad_weight"] = float((wl.grad.float() - wr.grad[start : start + per]).abs().max())
     out["padding_rows_grad"] = float(wl.grad[max(0, real - start) :].abs().max()) if real - start < per else 0.0
+
+    # 3. the training path: masked loss + z-loss, gradients computed in the forward
+    mask = (torch.rand(n, generator=g) > 0.25).float().to(dev)
+    hl2, wl2 = h.clone().requires_grad_(True), w[start : start + per].clone().requires_grad_(True)
+    _, _, loss = fused_linear_cross_entropy(
+        hl2, wl2, labels, start, real, chunk=128, group=dist.group.WORLD, loss_weight=mask, z_loss=1e-2
+    )
+    loss.backward()
+    hr.grad, wr.grad = None, None
+    loss_r = (mask * (nll_r + 1e-2 * lse_r.square())).sum()
+    loss_r.backward()
+    out["ce_loss_rel"] = float((loss - loss_r).abs() / loss_r.abs())
+    out["ce_loss_grad_hidden"] = float((hl2.grad.float() - hr.grad).abs().max())
+    out["ce_loss_grad_weight"] = float((wl2.grad.float() - wr.grad[start : start + per]).abs().max())
     ok = (
         out["embedding_fwd"] <= tol["embedding"] + (1e-6 if a.bf16 else 0)
         and out["embedding_bwd"] <= tol["grad"]
         and max(out["ce_nll"], out["ce_lse"]) <= tol["nll"]
         and max(out["ce_grad_hidden"], out["ce_grad_weight"]) <= tol["grad"]
+        and out["ce_loss_rel"] <= tol["nll"]
+        and max(out["ce_loss_grad_hidden"], out["ce_loss_grad_weight"]) <= tol["grad"]
         and out["padding_rows_grad"] == 0.0
     )
     out["ok"] = ok

@@ -220,8 +220,9 @@ def save_config(cfg: SodaConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def validate(cfg: SodaConfig, world_size: int) -> int:
-    """Every layout/shape error as one clear message before any work starts; returns the DP degree."""
+def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
+    """Every layout/shape error as one clear message before any work starts; returns the DP degree.
+    `need_data=False` for jobs that feed their own batches (the benchmarks)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     if m.transformer_impl not in ("auto", "transformer_engine", "local"):
         raise ConfigError(
@@ -279,6 +280,6 @@ def validate(cfg: SodaConfig, world_size: int) -> int:
         raise ConfigError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pp")
     if t.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
-    if not cfg.data.paths:
+    if need_data and not cfg.data.paths:
         raise ConfigError("data.paths: no training shard sets given")
     return dp

@@ -81,6 +81,19 @@ def load_model(source: str, device: str = "cpu", tokenizer: str | None = None):
     return model, tok, layout
 
 
+def segment_state(row: list[int], layout) -> tuple[str, int]:
+    """Where a token sequence stands: ('audio', tokens since <|audio_start|>) | ('text', 0) | ('between', 0)."""
+    L = layout
+    for back, t in enumerate(reversed(row)):
+        if t == L.audio_start:
+            return "audio", back
+        if t == L.text_start:
+            return "text", 0
+        if t in (L.audio_end, L.text_end):
+            return "between", 0
+    return "between", 0
+
+
 class LayoutConstraint:
     """A logits processor that keeps sampling inside the token layout (see the module docstring)."""
 
@@ -88,26 +101,13 @@ class LayoutConstraint:
         self.L = layout
         self.max_frames = max_frames
         K, C = layout.codebooks, layout.codebook_size
-        self.delims = torch.tensor([layout.text_start, layout.text_end, layout.audio_start, layout.audio_end])
         self.codebook_slices = [(layout.audio_offset + k * C, layout.audio_offset + (k + 1) * C) for k in range(K)]
-
-    def _state(self, row: list[int]) -> tuple[str, int]:
-        """('audio', tokens since <|audio_start|>) | ('text', 0) | ('between', 0)."""
-        L = self.L
-        for back, t in enumerate(reversed(row)):
-            if t == L.audio_start:
-                return "audio", back
-            if t == L.text_start:
-                return "text", 0
-            if t in (L.audio_end, L.text_end):
-                return "between", 0
-        return "between", 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         L = self.L
         allowed = torch.zeros_like(scores, dtype=torch.bool)
         for i, row in enumerate(input_ids.tolist()):
-            state, n = self._state(row)
+            state, n = segment_state(row, L)
             if state == "audio":
                 k = n % L.codebooks
                 lo, hi = self.codebook_slices[k]
@@ -172,7 +172,7 @@ def split_segments(prompt: list[int], new: list[int], layout) -> list[dict]:
     """The generated tokens as segments: {"kind": "text"|"audio", "ids": [...]}. A segment opened in
     the prompt (asr's text, tts's audio, continuations) continues into the generated part."""
     L = layout
-    kind = LayoutConstraint(layout, 0)._state(prompt)[0]
+    kind = segment_state(prompt, layout)[0]
     segs: list[dict] = []
     cur: list[int] = []
 

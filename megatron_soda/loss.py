@@ -41,16 +41,25 @@ def token_losses(
 
 
 def output_losses(
-    output: torch.Tensor, labels: torch.Tensor, m, vocab_start: int, weight_fn, sequence_parallel: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nll, log_z) [b, s] from the last stage's output: logits (torch path) or, with the fused
-    output layer, hidden states that the fused kernel projects chunk by chunk."""
+    output: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    z_weight: float,
+    m,
+    vocab_start: int,
+    weight_fn,
+    sequence_parallel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nll, log_z, loss) from the last stage's output: logits (torch path) or, with the fused output
+    layer, hidden states that the fused kernel projects chunk by chunk. nll and log_z are [b, s];
+    loss = sum(mask * (nll + z_weight * log_z^2)) is what backward differentiates."""
     if m.output_impl != "fused":
-        return token_losses(output, labels, vocab_start, m.vocab_size)
+        nll, log_z = token_losses(output, labels, vocab_start, m.vocab_size)
+        return nll, log_z, (nll * mask).sum() + z_weight * (log_z.square() * mask).sum()
     from kernels.fused_ce import fused_linear_cross_entropy
 
     b, s, h = output.shape
-    nll, log_z = fused_linear_cross_entropy(
+    nll, log_z, loss = fused_linear_cross_entropy(
         output.reshape(b * s, h),
         weight_fn(),
         labels.reshape(-1),
@@ -59,8 +68,10 @@ def output_losses(
         chunk=m.ce_chunk_tokens,
         group=ps.get_tensor_model_parallel_group(),
         reduce_grad_input=not sequence_parallel,
+        loss_weight=mask.reshape(-1),
+        z_loss=z_weight,
     )
-    return nll.view(b, s), log_z.view(b, s)
+    return nll.view(b, s), log_z.view(b, s), loss
 
 
 def categories(labels: torch.Tensor, layout: SodaLayout) -> torch.Tensor:

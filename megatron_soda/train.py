@@ -67,12 +67,12 @@ def init_distributed(device: str) -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("SODA_GLOO_TIMEOUT_S", "300"))))
 
 
-def setup_parallel(cfg: SodaConfig) -> int:
+def setup_parallel(cfg: SodaConfig, need_data: bool = True) -> int:
     """Process groups for TP x PP x DP; returns the DP degree."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    dp = validate(cfg, dist.get_world_size())
+    dp = validate(cfg, dist.get_world_size(), need_data)
     p = cfg.parallel
     ps.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,
@@ -224,12 +224,18 @@ def make_forward_step(cfg: SodaConfig, layout, device: str, inject_nan: bool = F
         output = model(tokens, positions, None)
 
         def loss_func(output):
-            nll, log_z = output_losses(
-                output, labels, cfg.model, vocab_start, lambda: output_weight(model), cfg.parallel.sequence_parallel
+            nll, log_z, loss = output_losses(
+                output,
+                labels,
+                mask,
+                z_weight,
+                cfg.model,
+                vocab_start,
+                lambda: output_weight(model),
+                cfg.parallel.sequence_parallel,
             )
-            nll_sum = (nll * mask).sum()
-            z_sum = (log_z.square() * mask).sum()
-            loss = nll_sum + z_weight * z_sum
+            nll_sum = (nll.detach() * mask).sum()
+            z_sum = (log_z.detach().square() * mask).sum()
             if inject_nan:
                 loss = loss * float("nan")
             n = mask.sum()

@@ -39,6 +39,22 @@ def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", SODA_GLOO_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
 
 
+def soda(*args: str, check: bool = True, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`soda ARGS` as a user runs it (offline, one thread per process); raises with its stderr on failure
+    unless check is False."""
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(env(), HF_HUB_OFFLINE="1"),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"soda {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
 def run_train(run_dir: Path, shards: Path, nproc: int = 1, *overrides: str, check: bool = True):
     r = subprocess.run(
         train_cmd(run_dir, shards, nproc, *overrides),

@@ -3,8 +3,6 @@ tokenize benchmarks producing well-formed numbers on CPU (ours and the transform
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 from megatron_soda.benchmarks.train import bench_layout, mfu
 from megatron_soda.config import ModelConfig
 from megatron_soda.model import flops_per_token
-from tests.launch import ROOT
+from tests.launch import soda
 
 SMALL = dict(
     hidden_size=8,
@@ -69,12 +67,6 @@ def test_bench_layout_matches_the_vocabulary():
         bench_layout(1000)
 
 
-def _soda(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_soda.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def _check_row(r):
     for k in ("tokens_per_s_per_gpu", "tflops_per_gpu", "step_time_s", "peak_memory_gb", "loss_first", "loss_last"):
         assert math.isfinite(r[k]) and r[k] > 0, (k, r[k])
@@ -90,7 +82,7 @@ def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
     res = tmp_path / "train.jsonl"
     common = ["--config", "configs/tiny.yaml", "--device", "cpu", "--steps", "2", "--warmup", "1"]
     common += ["--results", str(res), "--plot", str(tmp_path / "train.png"), "--model.vocab_size", "16974"]
-    p = _soda("bench", "train", *common, "--variants", "ours,hf", "--train.peak_tflops", "1.0")
+    p = soda("bench", "train", *common, "--variants", "ours,hf", "--train.peak_tflops", "1.0")
     assert p.returncode == 0, p.stderr
     rows = [json.loads(x) for x in res.read_text().splitlines()]
     assert [r["variant"] for r in rows] == ["ours", "hf"]
@@ -99,8 +91,10 @@ def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
         assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 1.0)
     assert rows[1]["ours_over_this"] == pytest.approx(rows[0]["tokens_per_s_per_gpu"] / rows[1]["tokens_per_s_per_gpu"])
     assert "ours/this" in p.stdout and "hf" in p.stdout and (tmp_path / "train.png").stat().st_size > 10_000
-    # a TP=2 layout on two ranks appends to the same file and plot
-    p = _soda("bench", "train", *common, "--variants", "ours", "--nproc", "2", "--parallel.tp", "2")
+    # a TP=2 layout on two ranks appends to the same file and plot; the bench feeds its own batches,
+    # so a config without data (the suite presets) is fine
+    tp2 = ["--nproc", "2", "--parallel.tp", "2", "--data.paths", "[]"]
+    p = soda("bench", "train", *common, "--variants", "ours", *tp2)
     assert p.returncode == 0, p.stderr
     rows = [json.loads(x) for x in res.read_text().splitlines()]
     assert len(rows) == 3 and rows[2]["tp"] == 2 and rows[2]["world"] == 2
@@ -108,17 +102,24 @@ def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
 
 
 def test_bench_train_bad_input_is_one_line(tmp_path):
-    p = _soda("bench", "train", "--config", "configs/tiny.yaml", "--variants", "ours,megatron-lm")
+    p = soda("bench", "train", "--config", "configs/tiny.yaml", "--variants", "ours,megatron-lm", check=False)
     assert p.returncode == 2 and "unknown ['megatron-lm']" in p.stderr and "Traceback" not in p.stderr
-    p = _soda("bench", "train", "--config", "configs/tiny.yaml", "--model.hiden_size", "8")
+    p = soda("bench", "train", "--config", "configs/tiny.yaml", "--model.hiden_size", "8", check=False)
     assert p.returncode == 2 and "hiden_size" in p.stderr and "Traceback" not in p.stderr
-    p = _soda("bench", "loader", "--parallel.tp", "2")
+    # one variant failing (here: TP=2 on one process) costs only its own row; the exit says which
+    res = tmp_path / "train.jsonl"
+    common = ["--config", "configs/tiny.yaml", "--device", "cpu", "--steps", "1", "--warmup", "1", "--data.paths", "[]"]
+    common += ["--results", str(res), "--plot", str(tmp_path / "train.png")]
+    p = soda("bench", "train", *common, "--variants", "ours,hf", "--parallel.tp", "2", check=False)
+    assert p.returncode == 2 and "variant ours failed" in p.stderr and "Traceback" not in p.stderr
+    assert [json.loads(x)["variant"] for x in res.read_text().splitlines()] == ["hf"]
+    p = soda("bench", "loader", "--parallel.tp", "2", check=False)
     assert p.returncode == 2 and "unrecognized" in p.stderr
 
 
 def test_bench_tokenize_random_mimi(tmp_path):
     out = tmp_path / "tok.json"
-    p = _soda(
+    p = soda(
         "bench",
         "tokenize",
         "--codec",

@@ -12,6 +12,7 @@ import torch
 from megatron_soda.data import DataConfig, MixtureDataset, ShardSet, SodaDataLoader
 from tests.conftest import prepare_config
 from tests.launch import ROOT, env, run_train
+from tests.launch import soda as _soda
 from tokenization.documents import Utterance, build_task_documents
 from tokenization.prepare import prepare
 from tokenization.tiny_corpus import make_s2st_corpus
@@ -20,17 +21,8 @@ from tokenization.vocab import SodaLayout
 L = SodaLayout()
 
 
-def soda(*args, timeout=600):
-    p = subprocess.run(
-        [sys.executable, "-m", "megatron_soda.cli", *args],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+def soda(*args, check=True):
+    return _soda(*args, check=check, timeout=600)  # fine-tuning and generation runs take longer
 
 
 def test_task_formats_mask_the_prompt():
@@ -170,23 +162,15 @@ def test_finetune_lowers_the_target_loss(finetuned):
 
 
 def test_finetune_refuses_architecture_changes(finetuned, s2st_shards):
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_soda.cli",
-            "finetune",
-            "--init-from",
-            str(finetuned / "pre"),
-            "--run-dir",
-            str(finetuned / "x"),
-            "--model.num_layers",
-            "2",
-        ],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
+    p = soda(
+        "finetune",
+        "--init-from",
+        str(finetuned / "pre"),
+        "--run-dir",
+        str(finetuned / "x"),
+        "--model.num_layers",
+        "2",
+        check=False,
     )
     assert p.returncode == 2 and "--model.* cannot change" in p.stderr and "Traceback" not in p.stderr
 
@@ -340,21 +324,5 @@ def test_eval_bad_task_file_is_one_line(forced, tmp_path):
     folder, tasks = forced
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"positive": "a"}\n')
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_soda.cli",
-            "eval",
-            str(folder),
-            "--task",
-            f"minimal_pairs:{bad}",
-            "--codec",
-            "random:0",
-        ],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-    )
+    p = soda("eval", str(folder), "--task", f"minimal_pairs:{bad}", "--codec", "random:0", check=False)
     assert p.returncode == 2 and "missing field 'negative'" in p.stderr and "Traceback" not in p.stderr

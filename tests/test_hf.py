@@ -5,29 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.launch import ROOT, env, run_train
+from tests.launch import run_train, soda
 
 pytestmark = pytest.mark.slow
-
-
-def soda(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(
-        [sys.executable, "-m", "megatron_soda.cli", *args],
-        capture_output=True,
-        text=True,
-        env=dict(env(), HF_HUB_OFFLINE="1"),
-        cwd=ROOT,
-        timeout=300,
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(f"soda {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return r
 
 
 def digests(folder) -> dict:

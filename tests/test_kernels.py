@@ -46,18 +46,27 @@ def test_embedding_matches_torch_on_a_vocab_shard(dtype, deterministic):
     assert torch.allclose(table.grad, ref_table.grad, atol=1e-6, rtol=0), f"seed {SEED}"
 
 
+@pytest.mark.parametrize("mode", ["nll_lse", "loss"])
 @pytest.mark.parametrize("start,v_local,real", [(0, 1024, 1000), (512, 512, 1000), (0, 512, 1000)])
-def test_fused_linear_ce_matches_logits_then_logsumexp(start, v_local, real):
-    """TP=1 (whole vocab with padding), and one TP=2 shard holding the padding rows / none of them."""
+def test_fused_linear_ce_matches_logits_then_logsumexp(start, v_local, real, mode):
+    """TP=1 (whole vocab with padding), and one TP=2 shard holding the padding rows / none of them;
+    both the general path (any gradient on NLL and log Z, recomputed in backward) and the training
+    path (a masked loss with z-loss whose gradients are computed in the forward)."""
     g = _gen(1)
-    n, hidden = 203, 24  # not a multiple of the chunk
+    n, hidden, z = 203, 24, 0.3  # not a multiple of the chunk
     h = torch.randn(n, hidden, generator=g, requires_grad=True)
     full_w = torch.randn(1024, hidden, generator=g) * 0.3
     w = full_w[start : start + v_local].clone().requires_grad_(True)
     labels = torch.randint(0, real, (n,), generator=g)
     labels[:3] = torch.tensor([start, min(start + v_local, real) - 1, real - 1])
-    nll, lse = fused_linear_cross_entropy(h, w, labels, start, real, chunk=64)
-    (nll.sum() + 0.3 * lse.square().sum()).backward()
+    mask = (torch.rand(n, generator=g) > 0.3).float()
+    if mode == "loss":
+        nll, lse, loss = fused_linear_cross_entropy(h, w, labels, start, real, chunk=64, loss_weight=mask, z_loss=z)
+        assert not nll.requires_grad and not lse.requires_grad
+    else:
+        nll, lse = fused_linear_cross_entropy(h, w, labels, start, real, chunk=64)
+        loss = (mask * (nll + z * lse.square())).sum()
+    (2.5 * loss).backward()  # an upstream gradient other than 1 reaches both paths
     # the reference sees only this shard's columns, as one TP rank does before the TP reduction
     hr, wr = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     cols = torch.arange(start, start + v_local)
@@ -67,11 +76,29 @@ def test_fused_linear_ce_matches_logits_then_logsumexp(start, v_local, real):
     mine = (local >= 0) & (local < v_local)
     target = torch.where(mine, logits.gather(1, local.clamp(0, v_local - 1)[:, None])[:, 0], torch.zeros(()))
     nll_r = lse_r - target
-    (nll_r.sum() + 0.3 * lse_r.square().sum()).backward()
+    loss_r = (mask * (nll_r + z * lse_r.square())).sum()
+    (2.5 * loss_r).backward()
+    assert (loss - loss_r).abs() <= 2e-5 * max(1.0, loss_r.abs().item()), f"seed {SEED}"
     for got, want in ((nll, nll_r), (lse, lse_r), (h.grad, hr.grad), (w.grad, wr.grad)):
         assert (got - want).abs().max() <= 2e-5, f"seed {SEED}"
     pad = cols >= real
     assert (w.grad[pad] == 0).all()  # padding rows never get probability mass
+
+
+def test_fused_linear_ce_loss_without_grad_skips_the_gradient_work():
+    """Evaluation runs under no_grad: the training path then returns the same numbers, and a
+    backward through it is refused in one line instead of returning stale gradients."""
+    g = _gen(2)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(256, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 250, (50,), generator=g)
+    ones = torch.ones(50)
+    with torch.no_grad():
+        a = fused_linear_cross_entropy(h, w, labels, 0, 250, chunk=32, loss_weight=ones, z_loss=1e-4)
+    b = fused_linear_cross_entropy(h, w, labels, 0, 250, chunk=32, loss_weight=ones, z_loss=1e-4)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y.detach())
+    assert not a[2].requires_grad and b[2].requires_grad
 
 
 def test_tp2_parity_through_gloo():

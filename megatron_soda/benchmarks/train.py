@@ -106,7 +106,15 @@ def _device_name(device: str) -> str:
 
 
 def _summary(
-    cfg, variant: str, device: str, world: int, dp: int, times: dict[str, list[float]], losses: list[float], peak
+    cfg,
+    variant: str,
+    impl: str,
+    device: str,
+    world: int,
+    dp: int,
+    times: dict[str, list[float]],
+    losses: list[float],
+    peak,
 ) -> dict:
     from megatron_soda.model import flops_per_token
 
@@ -130,7 +138,7 @@ def _summary(
         "global_batch": t.global_batch_size,
         "seq_len": t.seq_length,
         "dtype": "bf16" if device == "cuda" else "fp32",
-        "impl": times.pop("_impl", ""),
+        "impl": impl,
         "steps": len(times["step"]),
         "step_time_s": step,
         "split_s": {k: statistics.median(v) for k, v in times.items() if k != "step" and v},
@@ -146,6 +154,30 @@ def _summary(
         "date": date.today().isoformat(),
         "versions": _versions(),
     }
+
+
+def _measure(step, warmup: int, steps: int, device: str, profile_dir: str | None, rank: int):
+    """Call `step() -> (loss, {part: seconds})` warmup + steps times; returns the parts of the measured
+    steps (memory peak and the profiler start after warm-up) and every step's loss."""
+    times: dict[str, list[float]] = {}
+    losses = []
+    prof = _profiler(profile_dir, device) if profile_dir else None
+    for i in range(warmup + steps):
+        if i == warmup:
+            _reset_memory(device)
+            if prof:
+                prof.start()
+        loss, parts = step()
+        losses.append(loss)
+        if i >= warmup:
+            for k, v in parts.items():
+                times.setdefault(k, []).append(v)
+        if prof:
+            prof.step()
+    if prof:
+        prof.stop()
+        _report_profile(prof, profile_dir, rank)
+    return times, losses
 
 
 # --- ours ----------------------------------------------------------------------------------------
@@ -166,7 +198,7 @@ def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | N
     )
 
     device = resolve_device(cfg.train.device)
-    dp = setup_parallel(cfg)
+    dp = setup_parallel(cfg, need_data=False)
     layout = bench_layout(cfg.model.vocab_size)
     cfg.model.vocab_size = layout.vocab_size
     if not kernels:
@@ -180,7 +212,6 @@ def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | N
     stats = StepStats(layout)
     fwd = make_forward_step(cfg, layout, device)
     config = tr.modules[0].config
-    times: dict[str, list[float]] = {"step": [], "forward": [], "backward": [], "grad_sync": [], "optimizer": []}
     sync_time = [0.0]
     finalize = config.finalize_model_grads_func
 
@@ -198,13 +229,7 @@ def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | N
         while True:
             yield from micro
 
-    losses = []
-    prof = _profiler(profile_dir, device) if profile_dir else None
-    for i in range(warmup + steps):
-        if i == warmup:
-            _reset_memory(device)
-            if prof:
-                prof.start()
+    def step():
         for c in tr.chunks:
             c.zero_grad_buffer()
         tr.optimizer.zero_grad()
@@ -218,17 +243,17 @@ def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | N
         tr.scheduler.step(increment=1)
         _sync(device)
         t2 = time.perf_counter()
-        losses.append(stats.as_dict(stats.reduce(outputs, device))["loss"])
-        if i >= warmup:
-            times["step"].append(t2 - t0)
-            times["optimizer"].append(t2 - t1)
-            times["grad_sync"].append(sync_time[0])
-            times["backward"].append(t1 - t0 - sync_time[0])  # forward subtracted below
-        if prof:
-            prof.step()
-    if prof:
-        prof.stop()
-        _report_profile(prof, profile_dir, dist.get_rank())
+        loss = stats.as_dict(stats.reduce(outputs, device))["loss"]
+        # backward still holds the forward: it is subtracted below
+        return loss, {
+            "step": t2 - t0,
+            "optimizer": t2 - t1,
+            "grad_sync": sync_time[0],
+            "backward": t1 - t0 - sync_time[0],
+        }
+
+    times, losses = _measure(step, warmup, steps, device, profile_dir, dist.get_rank())
+    times["forward"] = []
     for _ in range(max(1, min(steps, 5))):
         _sync(device)
         t0 = time.perf_counter()
@@ -237,9 +262,9 @@ def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | N
         times["forward"].append(time.perf_counter() - t0)
     f = statistics.median(times["forward"])
     times["backward"] = [max(0.0, b - f) for b in times["backward"]]
-    times["_impl"] = f"embedding {cfg.model.embedding_impl}, output {cfg.model.output_impl}"
+    impl = f"embedding {cfg.model.embedding_impl}, output {cfg.model.output_impl}"
     variant = "ours" if kernels else "ours-nokernels"
-    row = _summary(cfg, variant, device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops))
+    row = _summary(cfg, variant, impl, device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops))
     # every rank's peak matters (PP stages differ): report the largest
     peak = torch.tensor([row["peak_memory_gb"]], dtype=torch.float64, device=device if device == "cuda" else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -279,17 +304,10 @@ def bench_hf(cfg, steps: int, warmup: int, compile_model: bool, profile_dir: str
         for b in synthetic_micro_batches(layout.vocab_size, t.micro_batch_size, t.seq_length, num_micro)
     ]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    times: dict[str, list[float]] = {"step": [], "forward": [], "backward": [], "optimizer": []}
-    losses = []
-    prof = _profiler(profile_dir, device) if profile_dir else None
-    for i in range(warmup + steps):
-        if i == warmup:
-            _reset_memory(device)
-            if prof:
-                prof.start()
+
+    def step():
         opt.zero_grad(set_to_none=True)
-        fw = bw = 0.0
-        total = 0.0
+        fw = bw = total = 0.0
         _sync(device)
         t0 = time.perf_counter()
         for b in micro:
@@ -309,20 +327,12 @@ def bench_hf(cfg, steps: int, warmup: int, compile_model: bool, profile_dir: str
         opt.step()
         _sync(device)
         t2 = time.perf_counter()
-        losses.append(total)
-        if i >= warmup:
-            times["step"].append(t2 - t0)
-            times["forward"].append(fw)
-            times["backward"].append(bw)
-            times["optimizer"].append(t2 - t1)
-        if prof:
-            prof.step()
-    if prof:
-        prof.stop()
-        _report_profile(prof, profile_dir, 0)
-    times["_impl"] = "transformers Qwen3ForCausalLM, sdpa" + (", torch.compile" if compile_model else "")
+        return total, {"step": t2 - t0, "forward": fw, "backward": bw, "optimizer": t2 - t1}
+
+    times, losses = _measure(step, warmup, steps, device, profile_dir, 0)
+    impl = "transformers Qwen3ForCausalLM, sdpa" + (", torch.compile" if compile_model else "")
     variant = "hf-compile" if compile_model else "hf"
-    return _summary(cfg, variant, device, 1, 1, times, losses, peak_tflops(t.peak_tflops))
+    return _summary(cfg, variant, impl, device, 1, 1, times, losses, peak_tflops(t.peak_tflops))
 
 
 # --- profiling -----------------------------------------------------------------------------------
@@ -378,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.device = a.device
         device = resolve_device(cfg.train.device)
         if a.variant.startswith("ours"):
-            validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), need_data=False)
         bench_layout(cfg.model.vocab_size)
     except (ConfigError, ValueError) as e:
         print(f"soda bench train: error: {e}", file=sys.stderr)
@@ -425,7 +435,8 @@ def run_suite(
 
     cfg = load_config(config, overrides)  # fail here, with the user's flags, before any process starts
     dp = max(1, nproc // (cfg.parallel.tp * cfg.parallel.pp))
-    rows = []
+    rows: list[dict] = []
+    failed: dict[str, str] = {}  # one variant out of memory must not cost the others' numbers
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             out = Path(tmp) / f"{v}.json"
@@ -456,8 +467,13 @@ def run_suite(
                 text=True,
             )
             if proc.returncode != 0 or not out.is_file():
-                err = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] or proc.stderr.splitlines()[-5:]
-                raise RuntimeError(f"bench variant {v} failed (exit {proc.returncode}): " + " | ".join(err[-3:]))
+                if "OutOfMemoryError" in proc.stderr:
+                    failed[v] = "out of GPU memory"
+                else:
+                    err = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+                    failed[v] = f"exit {proc.returncode}: " + " | ".join((err or proc.stderr.splitlines())[-3:])
+                print(f"soda bench: variant {v} failed ({failed[v]}); the others go on", file=sys.stderr)
+                continue
             row = json.loads(out.read_text())
             row["label"] = (
                 label
@@ -465,6 +481,8 @@ def run_suite(
             )
             row["command"] = command
             rows.append(row)
+    if not rows:
+        raise RuntimeError("; ".join(f"bench variant {v} failed ({why})" for v, why in failed.items()))
     ours = next((r for r in rows if r["variant"] == "ours"), None)
     for r in rows:
         if ours is not None and r is not ours:
@@ -479,6 +497,8 @@ def run_suite(
         from megatron_soda.plots import plot_bench
 
         print(f"plot: {plot_bench(read_results(results), plot_path)}")
+    if failed:
+        raise RuntimeError("; ".join(f"bench variant {v} failed ({why})" for v, why in failed.items()))
     return rows
 
 
