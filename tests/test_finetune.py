@@ -285,7 +285,7 @@ def forced(s2st_corpus, tokenizer_dir, codec, tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if loss.item() < 0.005:
+        if loss.item() < 0.015:  # ~0.011 is the floor: some sequences share a prefix (e.g. <bos>)
             break
     assert loss.item() < 0.02, loss.item()
     folder = root / "hf"

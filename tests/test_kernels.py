@@ -2,7 +2,8 @@
 
 Inputs are fresh random each run (the seed is in the failure message). Tolerances (fp32):
 embedding forward/backward exact (a gather and a sum of the same numbers); NLL, log Z and
-gradients 2e-5 absolute (the fused path sums the softmax chunk by chunk).
+gradients 2e-5 absolute, relative to the largest value where that exceeds 1 (the fused path sums
+the softmax chunk by chunk, in another order than the reference).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def test_fused_linear_ce_matches_logits_then_logsumexp(start, v_local, real, mod
     (2.5 * loss_r).backward()
     assert (loss - loss_r).abs() <= 2e-5 * max(1.0, loss_r.abs().item()), f"seed {SEED}"
     for got, want in ((nll, nll_r), (lse, lse_r), (h.grad, hr.grad), (w.grad, wr.grad)):
-        assert (got - want).abs().max() <= 2e-5, f"seed {SEED}"
+        assert (got - want).abs().max() <= 2e-5 * max(1.0, want.abs().max().item()), f"seed {SEED}"
     pad = cols >= real
     assert (w.grad[pad] == 0).all()  # padding rows never get probability mass
 
