@@ -130,6 +130,19 @@ def _softmax_grad_(logits, labels, lse, g_nll, g_lse, n_real: int, start: int) -
     )
 
 
+def _tp_group(group):
+    """The group to combine over, or None when there is nothing to combine (no TP, no process group)."""
+    return group if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1 else None
+
+
+def _chunk_grads_(logits, labels, lse, g_nll, g_lse, h, weight, grad_h, grad_w, n_real: int, start: int) -> None:
+    """One chunk's backward: its logits become d(loss)/d(logits) in place, then d(hidden) into
+    `grad_h` (this chunk's rows) and d(weight) accumulated into `grad_w`."""
+    _softmax_grad_(logits, labels, lse, g_nll, g_lse, n_real, start)
+    grad_h.copy_(logits @ weight)
+    grad_w += logits.t() @ h
+
+
 def _chunk_stats(h, weight, labels, n_real: int, start: int, group):
     """One chunk: logits in the weight's dtype (the matmul accumulates in fp32, as torch's bf16 path;
     the Triton reductions read them in fp32), then (lse, nll) over the whole vocabulary."""
@@ -150,7 +163,7 @@ class FusedLinearCE(torch.autograd.Function):
     ):
         n = hidden.shape[0]
         n_real = max(0, min(weight.shape[0], real_vocab - vocab_start))
-        tp_group = group if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1 else None
+        tp_group = _tp_group(group)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         nll = torch.empty_like(lse)
         h = hidden.to(weight.dtype)
@@ -174,9 +187,9 @@ class FusedLinearCE(torch.autograd.Function):
         for c0 in range(0, n, chunk):
             sl = slice(c0, min(n, c0 + chunk))
             logits = h[sl] @ weight.t()
-            _softmax_grad_(logits, labels[sl], lse[sl], g_nll[sl], g_lse[sl], n_real, start)
-            grad_h[sl] = logits @ weight
-            grad_w += logits.t() @ h[sl]
+            _chunk_grads_(
+                logits, labels[sl], lse[sl], g_nll[sl], g_lse[sl], h[sl], weight, grad_h[sl], grad_w, n_real, start
+            )
         if reduce_group is not None:  # every TP rank holds part of the vocabulary: sum their d(hidden)
             dist.all_reduce(grad_h, group=reduce_group)
         return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
@@ -205,7 +218,7 @@ class FusedLinearCELoss(torch.autograd.Function):
     ):
         n = hidden.shape[0]
         n_real = max(0, min(weight.shape[0], real_vocab - vocab_start))
-        tp_group = group if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1 else None
+        tp_group = _tp_group(group)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         nll = torch.empty_like(lse)
         w = loss_weight.float()
@@ -216,9 +229,10 @@ class FusedLinearCELoss(torch.autograd.Function):
             sl = slice(c0, min(n, c0 + chunk))
             logits, lse[sl], nll[sl] = _chunk_stats(h[sl], weight, labels[sl], n_real, vocab_start, tp_group)
             if need_grad:
-                _softmax_grad_(logits, labels[sl], lse[sl], w[sl], 2 * z_loss * w[sl] * lse[sl], n_real, vocab_start)
-                grad_h[sl] = logits @ weight
-                grad_w += logits.t() @ h[sl]
+                g_lse = 2 * z_loss * w[sl] * lse[sl]
+                _chunk_grads_(
+                    logits, labels[sl], lse[sl], w[sl], g_lse, h[sl], weight, grad_h[sl], grad_w, n_real, vocab_start
+                )
         if need_grad and tp_group is not None and reduce_grad_input:
             dist.all_reduce(grad_h, group=tp_group)
         loss = (w * (nll + z_loss * lse.square())).sum()
@@ -229,9 +243,7 @@ class FusedLinearCELoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _g_nll, _g_lse, g_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is None:
-            raise RuntimeError("fused_linear_cross_entropy: backward through a forward run without gradients")
+        grad_h, grad_w = ctx.saved_tensors  # need_grad was True: without it autograd records no graph
         h_dtype, w_dtype = ctx.dtypes
         return (grad_h * g_loss).to(h_dtype), (grad_w * g_loss).to(w_dtype), *([None] * 9)
 

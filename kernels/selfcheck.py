@@ -95,7 +95,7 @@ def main() -> int:
     hr.grad, wr.grad = None, None
     loss_r = (mask * (nll_r + 1e-2 * lse_r.square())).sum()
     loss_r.backward()
-    out["ce_loss_rel"] = float((loss - loss_r).abs() / loss_r.abs())
+    out["ce_loss_rel"] = float((loss.detach() - loss_r.detach()).abs() / loss_r.detach().abs())
     out["ce_loss_grad_hidden"] = float((hl2.grad.float() - hr.grad).abs().max())
     out["ce_loss_grad_weight"] = float((wl2.grad.float() - wr.grad[start : start + per]).abs().max())
     ok = (

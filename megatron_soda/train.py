@@ -241,7 +241,7 @@ def make_forward_step(cfg: SodaConfig, layout, device: str, inject_nan: bool = F
             n = mask.sum()
             stats = torch.cat(
                 [
-                    torch.stack([nll_sum.detach(), n, z_sum.detach()]).double(),
+                    torch.stack([nll_sum, n, z_sum]).double(),
                     loss_breakdown(nll, labels, mask, layout).reshape(-1),
                 ]
             )

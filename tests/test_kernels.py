@@ -87,8 +87,8 @@ def test_fused_linear_ce_matches_logits_then_logsumexp(start, v_local, real, mod
 
 
 def test_fused_linear_ce_loss_without_grad_skips_the_gradient_work():
-    """Evaluation runs under no_grad: the training path then returns the same numbers, and a
-    backward through it is refused in one line instead of returning stale gradients."""
+    """Evaluation runs under no_grad: the training path then returns the same numbers without a
+    graph (so no gradient work is kept for a backward that cannot come)."""
     g = _gen(2)
     h = torch.randn(50, 16, generator=g, requires_grad=True)
     w = torch.randn(256, 16, generator=g, requires_grad=True)

@@ -481,8 +481,9 @@ def run_suite(
             )
             row["command"] = command
             rows.append(row)
+    failures = "; ".join(f"bench variant {v} failed ({why})" for v, why in failed.items())
     if not rows:
-        raise RuntimeError("; ".join(f"bench variant {v} failed ({why})" for v, why in failed.items()))
+        raise RuntimeError(failures)
     ours = next((r for r in rows if r["variant"] == "ours"), None)
     for r in rows:
         if ours is not None and r is not ours:
@@ -497,8 +498,8 @@ def run_suite(
         from megatron_soda.plots import plot_bench
 
         print(f"plot: {plot_bench(read_results(results), plot_path)}")
-    if failed:
-        raise RuntimeError("; ".join(f"bench variant {v} failed ({why})" for v, why in failed.items()))
+    if failures:
+        raise RuntimeError(failures)
     return rows
 
 
