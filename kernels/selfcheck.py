@@ -108,7 +108,8 @@ def main() -> int:
         and out["padding_rows_grad"] == 0.0
     )
     out["ok"] = ok
-    print(json.dumps(out), flush=True)
+    sys.stdout.write(json.dumps(out) + "\n")  # one write (< PIPE_BUF): the ranks share the pipe
+    sys.stdout.flush()
     dist.destroy_process_group()
     return 0 if ok else 1
 
