@@ -34,12 +34,10 @@ def single_process(seed: int = 1234) -> Iterator[None]:
 
 
 def build_full_model(m: ModelConfig):
-    """The whole model in one process, with the reference (torch) embedding and logits path: the
-    tools need plain logits, and the parameters are the same whichever path trained them."""
-    import dataclasses
-
+    """The whole model in one process, with the reference (torch) implementation of every seam
+    (build_model's default): the tools need plain logits, and the parameters are the same whichever
+    path trained them."""
     from megatron_soda.model import build_model
 
-    m = dataclasses.replace(m, embedding_impl="torch", output_impl="torch")
     (model,), _ = build_model(m, ParallelConfig(), torch.float32, cuda=False)
     return model.eval()

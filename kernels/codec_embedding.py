@@ -4,8 +4,10 @@ megatron-core's VocabParallelEmbedding builds a mask, clones and shifts the ids,
 zeroes out-of-shard rows: several kernels and two temporaries. Here one kernel does the range
 check, local-row offset, gather and zeroing, reading the ids in whatever integer dtype the shards
 store; the backward accumulates straight into this shard's gradient (fp32 atomics), or, with
-`deterministic`, through torch's sort-based deterministic index_put. The TP reduction after it is
-megatron-core's own (all-reduce, or reduce-scatter under sequence parallelism).
+`deterministic`, through torch's sort-based deterministic index_put. With `into_main_grad` (megatron's
+gradient-accumulation-fusion protocol) that gradient is megatron's fp32 `main_grad` itself: no dense
+[V, h] buffer to zero, no bf16 copy, no second addition by the DDP hook. The TP reduction after it
+is megatron-core's own (all-reduce, or reduce-scatter under sequence parallelism).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import triton
 import triton.language as tl
 
 import kernels  # noqa: F401  (interpreter switch on CPU)
+from kernels.grad_accum import accumulates_into_main_grad, finish_main_grad
 
 BLOCK_T = 64
 
@@ -61,7 +64,9 @@ def _block_h(h: int) -> int:
 
 class FusedEmbedding(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, start: int, end: int, deterministic: bool):
+    def forward(
+        ctx, ids: torch.Tensor, weight: torch.Tensor, start: int, end: int, deterministic: bool, into_main_grad: bool
+    ):
         flat = ids.reshape(-1).contiguous()
         n, h = flat.numel(), weight.shape[1]
         out = torch.empty(n, h, dtype=weight.dtype, device=weight.device)
@@ -71,6 +76,7 @@ class FusedEmbedding(torch.autograd.Function):
             )
         ctx.save_for_backward(flat)
         ctx.meta = (start, end, tuple(weight.shape), weight.dtype, deterministic)
+        ctx.weight = weight if into_main_grad and accumulates_into_main_grad(weight) else None
         return out.view(*ids.shape, h)
 
     @staticmethod
@@ -78,26 +84,36 @@ class FusedEmbedding(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         start, end, shape, dtype, deterministic = ctx.meta
         g = grad_out.reshape(-1, shape[1]).contiguous()
+        weight = ctx.weight
+        gw = weight.main_grad if weight is not None else torch.zeros(shape, dtype=torch.float32, device=g.device)
         if deterministic:
             mine = (flat >= start) & (flat < end)
-            gw = torch.zeros(shape, dtype=torch.float32, device=g.device)
-            gw.index_put_(((flat[mine] - start).long(),), g[mine].float(), accumulate=True)
+            gw.index_put_(((flat[mine] - start).long(),), g[mine].to(gw.dtype), accumulate=True)
         else:
-            gw = torch.zeros(shape, dtype=torch.float32, device=g.device)
             n = flat.numel()
             if n:
                 _embed_bwd[(triton.cdiv(n, BLOCK_T),)](
                     flat, g, gw, n, start, end, H=shape[1], BLOCK_T=BLOCK_T, BLOCK_H=_block_h(shape[1])
                 )
-        return None, gw.to(dtype), None, None, None
+        if weight is not None:
+            return None, finish_main_grad(weight), None, None, None, None
+        return None, gw.to(dtype), None, None, None, None
 
 
-def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int, deterministic: bool = False):
-    """This TP rank's partial embedding [*ids.shape, hidden]: rows of ids outside [start, end) are 0."""
-    return FusedEmbedding.apply(ids, weight, start, end, deterministic)
+def fused_embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    start: int,
+    end: int,
+    deterministic: bool = False,
+    into_main_grad: bool = False,
+):
+    """This TP rank's partial embedding [*ids.shape, hidden]: rows of ids outside [start, end) are 0.
+    `into_main_grad`: the weight gradient is added to `weight.main_grad` (fp32) directly."""
+    return FusedEmbedding.apply(ids, weight, start, end, deterministic, into_main_grad)
 
 
-def vocab_parallel_embedding(module, input_: torch.Tensor) -> torch.Tensor:
+def vocab_parallel_embedding(module, input_: torch.Tensor, into_main_grad: bool = False) -> torch.Tensor:
     """Drop-in for VocabParallelEmbedding.forward (same parameters, same TP / SP reduction)."""
     from megatron.core.tensor_parallel.mappings import (
         reduce_from_tensor_model_parallel_region,
@@ -105,7 +121,12 @@ def vocab_parallel_embedding(module, input_: torch.Tensor) -> torch.Tensor:
     )
 
     out = fused_embedding(
-        input_, module.weight, module.vocab_start_index, module.vocab_end_index, module.deterministic_mode
+        input_,
+        module.weight,
+        module.vocab_start_index,
+        module.vocab_end_index,
+        module.deterministic_mode,
+        into_main_grad,
     )
     if module.reduce_scatter_embeddings:
         return reduce_scatter_to_sequence_parallel_region(out.transpose(0, 1).contiguous(), group=module.tp_group)

@@ -20,6 +20,10 @@ import torch.distributed as dist
 import megatron_soda  # noqa: F401  (Triton interpreter switch before Triton is imported)
 from kernels.codec_embedding import fused_embedding
 from kernels.fused_ce import fused_linear_cross_entropy
+from kernels.grad_accum import add_wgrad_, wgrad_path
+from kernels.multi_tensor import multi_tensor_l2norm, multi_tensor_scale
+from kernels.rmsnorm import rms_norm
+from kernels.rope import fused_apply_rotary_pos_emb
 
 TOL_FP32 = {"embedding": 0.0, "nll": 2e-5, "grad": 2e-5}
 TOL_BF16 = {"embedding": 0.0, "nll": 5e-2, "grad": 5e-2}
@@ -98,6 +102,75 @@ def main() -> int:
     out["ce_loss_rel"] = float((loss.detach() - loss_r.detach()).abs() / loss_r.detach().abs())
     out["ce_loss_grad_hidden"] = float((hl2.grad.float() - hr.grad).abs().max())
     out["ce_loss_grad_weight"] = float((wl2.grad.float() - wr.grad[start : start + per]).abs().max())
+
+    # 4. gradient-accumulation fusion: the embedding's and the output layer's weight gradients added
+    # to an fp32 main_grad (as megatron's DDP gives every weight) equal the separate gradients
+    wl3 = w[start : start + per].clone().requires_grad_(True)
+    wl3.main_grad = torch.full(wl3.shape, 0.5, dtype=torch.float32, device=dev)
+    wl3.grad_added_to_main_grad = False
+    _, _, loss3 = fused_linear_cross_entropy(
+        h,
+        wl3,
+        labels,
+        start,
+        real,
+        chunk=128,
+        group=dist.group.WORLD,
+        loss_weight=mask,
+        z_loss=1e-2,
+        into_main_grad=True,
+    )
+    (3.0 * loss3).backward()
+    out["ce_main_grad"] = float((wl3.main_grad - 0.5 - 3.0 * wr.grad[start : start + per]).abs().max())
+    shard2 = table[start : start + per].clone().requires_grad_(True)
+    shard2.main_grad = torch.zeros(shard2.shape, dtype=torch.float32, device=dev)
+    shard2.grad_added_to_main_grad = False
+    fused_embedding(ids, shard2, start, start + per, into_main_grad=True).backward(grad_out)
+    out["embedding_main_grad"] = float((shard2.main_grad - ref_table.grad[start : start + per]).abs().max())
+    flagged = shard2.grad_added_to_main_grad and wl3.grad_added_to_main_grad
+    acc = torch.randn(64, 32, generator=g).to(dev)
+    a_, b_ = torch.randn(64, 200, generator=g).to(dtype).to(dev), torch.randn(200, 32, generator=g).to(dtype).to(dev)
+    want = acc + a_.float() @ b_.float()
+    add_wgrad_(acc, a_, b_)
+    out["wgrad_accum"] = float((acc - want).abs().max() / want.abs().max())
+    out["wgrad_path"] = wgrad_path(torch.device(dev).type, dtype) or "same dtype (addmm_)"
+
+    # 5. RMSNorm (hidden and per-head shapes) and RoPE (on a strided view, as megatron's q/k are)
+    for name, shape in (("rmsnorm", (33, 2, 96)), ("qk_norm", (17, 2, 4, 64))):
+        x = torch.randn(*shape, generator=g).to(dtype).to(dev).requires_grad_(True)
+        wn = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype).to(dev).requires_grad_(True)
+        gy = torch.randn(*shape, generator=g).to(dtype).to(dev)
+        rms_norm(x, wn, 1e-5).backward(gy)
+        xr, wr_ = x.detach().float().requires_grad_(True), wn.detach().float().requires_grad_(True)
+        torch.nn.functional.rms_norm(xr, (shape[-1],), wr_, 1e-5).backward(gy.float())
+        out[f"{name}_dx"] = float((x.grad.float() - xr.grad).abs().max())
+        out[f"{name}_dw"] = float((wn.grad.float() - wr_.grad).abs().max() / max(1.0, wr_.grad.abs().max().item()))
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    qkv = torch.randn(19, 2, 4, 3 * 64, generator=g).to(dtype).to(dev).requires_grad_(True)
+    q = qkv[..., 64:128]
+    half = torch.rand(19, 1, 1, 32, generator=g).to(dev) * 19
+    freqs = torch.cat([half, half], -1)
+    gy = torch.randn(19, 2, 4, 64, generator=g).to(dtype).to(dev)
+    fused_apply_rotary_pos_emb(q, freqs).backward(gy)
+    qr = q.detach().float().requires_grad_(True)
+    _apply_rotary_pos_emb_bshd(qr, freqs).backward(gy.float())
+    out["rope_fwd"] = float(
+        (fused_apply_rotary_pos_emb(q, freqs).float() - _apply_rotary_pos_emb_bshd(qr, freqs)).abs().max()
+    )
+    out["rope_bwd"] = float((qkv.grad[..., 64:128].float() - qr.grad).abs().max())
+
+    # 6. multi-tensor norm / scale (grad clipping): equal megatron's per-tensor fallback
+    ts = [torch.randn(n_, generator=g).to(dev) for n_ in (5, 300, 77)]
+    flag = torch.zeros(1, dtype=torch.int, device=dev)
+    norm, _ = multi_tensor_l2norm(0, flag, [ts], False)
+    ref_norm = torch.norm(torch.stack([torch.norm(t) for t in ts]))
+    out["l2norm_rel"] = float((norm[0] - ref_norm).abs() / ref_norm)
+    copies = [torch.empty_like(t, dtype=dtype) for t in ts]
+    multi_tensor_scale(0, flag, [ts, copies], 0.5)
+    out["scale"] = float(
+        max((c.float() - (t * 0.5).to(dtype).float()).abs().max() for c, t in zip(copies, ts, strict=True))
+    )
     ok = (
         out["embedding_fwd"] <= tol["embedding"] + (1e-6 if a.bf16 else 0)
         and out["embedding_bwd"] <= tol["grad"]
@@ -106,6 +179,14 @@ def main() -> int:
         and out["ce_loss_rel"] <= tol["nll"]
         and max(out["ce_loss_grad_hidden"], out["ce_loss_grad_weight"]) <= tol["grad"]
         and out["padding_rows_grad"] == 0.0
+        and flagged
+        and out["ce_main_grad"] <= 3 * tol["grad"]
+        and out["embedding_main_grad"] <= tol["grad"]
+        and out["wgrad_accum"] <= (1e-2 if a.bf16 else 1e-6)
+        and max(out["rmsnorm_dx"], out["qk_norm_dx"], out["rmsnorm_dw"], out["qk_norm_dw"]) <= tol["grad"]
+        and max(out["rope_fwd"], out["rope_bwd"]) <= tol["nll"]
+        and out["l2norm_rel"] <= 1e-6
+        and out["scale"] == 0.0
     )
     out["ok"] = ok
     sys.stdout.write(json.dumps(out) + "\n")  # one write (< PIPE_BUF): the ranks share the pipe

@@ -52,7 +52,11 @@ def _rng_object() -> ShardedObject:
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    state["tracker"] = get_cuda_rng_tracker().get_states()
+    # graph-safe trackers (CUDA graphs on) hold generator objects: save their states as tensors
+    state["tracker"] = {
+        k: v.get_state() if isinstance(v, torch.Generator) else v
+        for k, v in get_cuda_rng_tracker().get_states().items()
+    }
     offset = (
         ps.get_pipeline_model_parallel_rank(),
         ps.get_tensor_model_parallel_rank(),
@@ -173,7 +177,8 @@ def _restore_adam_step(optimizer, loaded_state) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         for state in opt.optimizer.state.values():
             if "step" in state and torch.is_tensor(state["step"]):
-                state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)
+                old = state["step"]  # fused AdamW keeps it on the parameter's device
+                state["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
 
 
 def load(path: Path, chunks, optimizer) -> dict:
@@ -197,7 +202,14 @@ def load(path: Path, chunks, optimizer) -> dict:
             torch.cuda.set_rng_state(rng["cuda"])
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        get_cuda_rng_tracker().set_states(rng["tracker"])
+        tracker = get_cuda_rng_tracker()
+        current = tracker.get_states()
+        for k, v in rng["tracker"].items():  # a graph registered the generator objects: set them in place
+            if isinstance(current.get(k), torch.Generator):
+                current[k].set_state(v)
+            else:
+                current[k] = v
+        tracker.set_states(current)
     return common
 
 

@@ -224,7 +224,15 @@ def _add_bench(sub) -> None:
     tp.add_argument(
         "--variants",
         default="ours,ours-nokernels,hf",
-        help="comma list of ours, ours-nokernels, hf, hf-compile (transformers + torch.compile)",
+        help="comma list of ours, ours-nokernels, ours-off (speed levers off), ours-off+<lever>[+<lever>] "
+        "(levers: graphs, wgrad, norm, rope, adam), hf, hf-compile (transformers + torch.compile)",
+    )
+    tp.add_argument(
+        "--baseline-micro-batch",
+        type=int,
+        default=0,
+        help="micro-batch of the transformers baselines (same global batch; default: ours'), for when "
+        "theirs does not fit at ours' size",
     )
     tp.add_argument("--results", default="bench/results/train.jsonl", help="JSON lines, appended")
     tp.add_argument("--plot", default="bench/results/train.png", help="bar chart of the results file")
@@ -250,12 +258,16 @@ def _cmd_bench(a, rest: list[str]) -> None:
     if a.bench != "train" and rest:
         raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
     if a.bench == "train":
-        from megatron_soda.benchmarks.train import VARIANTS, run_suite
+        from megatron_soda.benchmarks.train import check_variant, run_suite
 
         variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-        bad = [v for v in variants if v not in VARIANTS]
-        if bad or not variants:
-            raise ValueError(f"--variants: unknown {bad or 'none given'}; choose from {', '.join(VARIANTS)}")
+        if not variants:
+            raise ValueError("--variants: none given")
+        for v in variants:
+            try:
+                check_variant(v)
+            except ValueError as e:
+                raise ValueError(f"--variants: {e}") from None
         rows = run_suite(
             a.config,
             rest,
@@ -269,6 +281,7 @@ def _cmd_bench(a, rest: list[str]) -> None:
             a.label,
             a.profile,
             command="soda bench train " + " ".join(sys.argv[3:]),
+            baseline_micro_batch=a.baseline_micro_batch,
         )
     elif a.bench == "tokenize":
         from megatron_soda.benchmarks.tokenize import run as run_tokenize

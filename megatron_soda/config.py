@@ -46,6 +46,9 @@ class ModelConfig:
         "auto"  # the output seam: torch (logits, then CE) | fused (Triton, chunked) | auto (fused on GPU)
     )
     ce_chunk_tokens: int = 4096  # tokens per chunk of the fused output layer (its peak logits memory)
+    norm_impl: str = "auto"  # layer norms and QK-norm: torch | triton | auto (triton on GPU)
+    rope_impl: str = "auto"  # rotary embedding: torch (megatron's unfused) | triton (one kernel) | auto
+    wgrad_impl: str = "auto"  # weight gradients: torch | main_grad (GEMM accumulates into fp32 main_grad) | auto
 
     @property
     def padded_vocab_size(self) -> int:
@@ -61,6 +64,7 @@ class ParallelConfig:
     distributed_optimizer: bool = False  # ZeRO-1 over DP
     overlap_grad_reduce: bool = False
     recompute: str = "none"  # none | selective | full
+    cuda_graph: str = "auto"  # none | full_iteration (forward+backward of a step as one CUDA graph) | auto (GPU, PP 1)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class OptimConfig:
     warmup_fraction: float = 0.1
     decay_fraction: float = 0.2  # wsd: linear decay to min_lr over the last fraction of steps
     z_loss: float = 1e-4
+    adam_impl: str = "auto"  # foreach (megatron's torch fallback) | fused (one kernel, no per-tensor syncs) | auto
 
 
 @dataclass
@@ -118,6 +123,31 @@ class SodaConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Speed switches: name -> (section, key, implementations with the fast one first); each also takes
+# `auto` (megatron_soda.fast_paths resolves it per device).
+IMPL_CHOICES = {
+    "embedding": ("model", "embedding_impl", ("triton", "torch")),
+    "output": ("model", "output_impl", ("fused", "torch")),
+    "norm": ("model", "norm_impl", ("triton", "torch")),
+    "rope": ("model", "rope_impl", ("triton", "torch")),
+    "wgrad": ("model", "wgrad_impl", ("main_grad", "torch")),
+    "adam": ("optim", "adam_impl", ("fused", "foreach")),
+    "cuda_graph": ("parallel", "cuda_graph", ("full_iteration", "none")),
+}
+
+
+def impl_setting(cfg: SodaConfig, name: str) -> str:
+    section, key, _ = IMPL_CHOICES[name]
+    return getattr(getattr(cfg, section), key)
+
+
+def check_impls(cfg: SodaConfig) -> None:
+    for name, (section, key, options) in IMPL_CHOICES.items():
+        value = impl_setting(cfg, name)
+        if value not in ("auto", *options):
+            raise ConfigError(f"{section}.{key}: expected auto, {' or '.join(options)}, got {value!r}")
 
 
 def _check_type(value, tp, where: str):
@@ -230,10 +260,7 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
         )
     if m.attention_backend not in ("auto", "flash_attn", "sdpa"):
         raise ConfigError(f"model.attention_backend: expected auto, flash_attn or sdpa, got {m.attention_backend!r}")
-    if m.embedding_impl not in ("auto", "torch", "triton"):
-        raise ConfigError(f"model.embedding_impl: expected auto, torch or triton, got {m.embedding_impl!r}")
-    if m.output_impl not in ("auto", "torch", "fused"):
-        raise ConfigError(f"model.output_impl: expected auto, torch or fused, got {m.output_impl!r}")
+    check_impls(cfg)
     if p.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"parallel.recompute: expected none, selective or full, got {p.recompute!r}")
     if cfg.optim.schedule not in ("wsd", "cosine", "constant"):

@@ -49,11 +49,13 @@ def output_losses(
     vocab_start: int,
     weight_fn,
     sequence_parallel: bool = False,
+    fused: bool = False,
+    into_main_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(nll, log_z, loss) from the last stage's output: logits (torch path) or, with the fused output
-    layer, hidden states that the fused kernel projects chunk by chunk. nll and log_z are [b, s];
-    loss = sum(mask * (nll + z_weight * log_z^2)) is what backward differentiates."""
-    if m.output_impl != "fused":
+    layer (`fused`), hidden states that the fused kernel projects chunk by chunk. nll and log_z are
+    [b, s]; loss = sum(mask * (nll + z_weight * log_z^2)) is what backward differentiates."""
+    if not fused:
         nll, log_z = token_losses(output, labels, vocab_start, m.vocab_size)
         return nll, log_z, (nll * mask).sum() + z_weight * (log_z.square() * mask).sum()
     from kernels.fused_ce import fused_linear_cross_entropy
@@ -70,6 +72,7 @@ def output_losses(
         reduce_grad_input=not sequence_parallel,
         loss_weight=mask.reshape(-1),
         z_loss=z_weight,
+        into_main_grad=into_main_grad,
     )
     return nll.view(b, s), log_z.view(b, s), loss
 

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_soda.config import ModelConfig, ParallelConfig
+from megatron_soda.fast_paths import FastPaths
 
 # --- parameter counts, as the paper counts them -------------------------------------------------
 
@@ -42,12 +43,23 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
 
 
 class SodaRMSNorm(torch.nn.RMSNorm):
-    """torch RMSNorm that megatron-core's sequence parallelism accepts: its weight is marked so that
-    its gradient is all-reduced over TP (megatron's own torch-norm wrapper refuses SP)."""
+    """RMSNorm that megatron-core's sequence parallelism accepts: its weight is marked so that its
+    gradient is all-reduced over TP (megatron's own torch-norm wrapper refuses SP). `impl` triton
+    runs kernels/rmsnorm.py (fp32 statistics, one kernel each way) instead of torch's."""
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_) -> None:
+    def __init__(
+        self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, impl: str = "torch", **_
+    ) -> None:
         super().__init__(hidden_size, eps=eps)
         self.weight.sequence_parallel = config.sequence_parallel
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "triton":
+            from kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
 
 
 def _flash_attn():
@@ -63,8 +75,6 @@ class SDPAttention(MegatronModule):
     """Causal core attention through torch SDPA (flash / cuDNN / memory-efficient kernels on GPU,
     the math kernel on CPU), or flash-attn's kernel when installed and asked for."""
 
-    use_flash_attn = False  # set once by `build_model`
-
     def __init__(
         self,
         config: TransformerConfig,
@@ -73,9 +83,11 @@ class SDPAttention(MegatronModule):
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        use_flash_attn: bool = False,
         **_,
     ) -> None:
         super().__init__(config=config)
+        self.use_flash_attn = use_flash_attn
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError("SODA attention is causal")
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -101,15 +113,18 @@ class SDPAttention(MegatronModule):
 
 class SodaEmbedding(VocabParallelEmbedding):
     """The embedding seam: same parameters and checkpoint layout as megatron-core's vocab-parallel
-    embedding; `impl` picks the lookup (torch reference, or the fused Triton kernel)."""
+    embedding; `impl` picks the lookup (torch reference, or the fused Triton kernel, which with
+    `into_main_grad` writes its weight gradient straight into megatron's fp32 main_grad). Both are
+    set per instance by `build_model`."""
 
     impl = "torch"
+    into_main_grad = False
 
     def forward(self, input_):
         if self.impl == "triton":
-            from kernels.codec_embedding import vocab_parallel_embedding  # the kernels issue provides it
+            from kernels.codec_embedding import vocab_parallel_embedding
 
-            return vocab_parallel_embedding(self, input_)
+            return vocab_parallel_embedding(self, input_, into_main_grad=self.into_main_grad)
         return super().forward(input_)
 
 
@@ -117,7 +132,8 @@ class SodaOutputLayer(ColumnParallelLinear):
     """The output seam. With the fused output (`defer_to_loss`), the projection moves into the loss
     (kernels/fused_ce.py), which never materialises all logits: this layer then only gathers the
     sequence under SP (whose backward reduce-scatters the partial input gradients) and hands the
-    hidden states on; without SP the fused op all-reduces its input gradient over TP itself."""
+    hidden states on; without SP the fused op all-reduces its input gradient over TP itself.
+    `defer_to_loss` is set per instance by `build_model`."""
 
     defer_to_loss = False
 
@@ -140,12 +156,18 @@ def output_weight(model) -> torch.Tensor:
     return model.output_layer.weight
 
 
-def transformer_config(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cpu: bool) -> TransformerConfig:
+def transformer_config(
+    m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cpu: bool, fp: FastPaths | None = None
+) -> TransformerConfig:
+    fp = fp or FastPaths()
     recompute = {}
     if p.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif p.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
+    graphs = {}
+    if fp.cuda_graph == "full_iteration":  # the trainer wraps the schedule; megatron's modules must know
+        graphs = dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration")
     std = m.init_std
 
     def init_method(w):
@@ -181,13 +203,14 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cp
         calculate_per_token_loss=True,  # the loss is a mean over all tokens of the global batch
         batch_p2p_comm=p.vpp == 1,  # interleaved PP=2 with batched p2p is silently wrong (Megatron-LM #750)
         use_cpu_initialization=cpu,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=fp.wgrad == "main_grad",  # megatron_soda.fast_paths provides the GEMM
         bias_activation_fusion=not cpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=not cpu,
-        apply_rope_fusion=False,
+        apply_rope_fusion=fp.rope == "triton",  # kernels/rope.py, installed by megatron_soda.fast_paths
         cross_entropy_loss_fusion=False,
+        **graphs,
         **recompute,
     )
 
@@ -211,42 +234,46 @@ def layer_impl(m: ModelConfig, cuda: bool) -> str:
     return "local"
 
 
-def _local_block_spec(config: TransformerConfig, vp_stage: int | None) -> ModuleSpec:
+def _local_block_spec(config: TransformerConfig, vp_stage: int | None, norm: str, flash: bool) -> ModuleSpec:
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
     layer = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
     sub = layer.submodules
-    sub.input_layernorm = sub.pre_mlp_layernorm = SodaRMSNorm
+    norm_spec = ModuleSpec(module=SodaRMSNorm, params={"impl": norm})
+    sub.input_layernorm = sub.pre_mlp_layernorm = norm_spec
     attn = sub.self_attention.submodules
-    attn.core_attention = SDPAttention
-    attn.q_layernorm = attn.k_layernorm = SodaRMSNorm
+    attn.core_attention = ModuleSpec(module=SDPAttention, params={"use_flash_attn": flash})
+    attn.q_layernorm = attn.k_layernorm = norm_spec
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
-        module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SodaRMSNorm)
+        module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm_spec)
     )
 
 
-def build_model(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cuda: bool) -> tuple[list[GPTModel], str]:
-    """This rank's model chunks (one, or `vpp` for the interleaved schedule) and the layer path used."""
-    config = transformer_config(m, p, dtype, cpu=not cuda)
+def build_model(
+    m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cuda: bool, fp: FastPaths | None = None
+) -> tuple[list[GPTModel], str]:
+    """This rank's model chunks (one, or `vpp` for the interleaved schedule) and the layer path used.
+    `fp`: the resolved implementation of each seam (megatron_soda.fast_paths; default: torch's)."""
+    fp = fp or FastPaths()
+    config = transformer_config(m, p, dtype, cpu=not cuda, fp=fp)
     impl = layer_impl(m, cuda)
+    flash = False
     if impl == "local":
         want_flash = m.attention_backend in ("auto", "flash_attn")
-        SDPAttention.use_flash_attn = want_flash and cuda and _flash_attn() is not None
-        if m.attention_backend == "flash_attn" and not SDPAttention.use_flash_attn:
+        flash = want_flash and cuda and _flash_attn() is not None
+        if m.attention_backend == "flash_attn" and not flash:
             raise RuntimeError("model.attention_backend flash_attn needs flash-attn and a GPU")
-        path = "local spec, " + ("flash-attn" if SDPAttention.use_flash_attn else "torch SDPA") + " attention"
+        path = "local spec, " + ("flash-attn" if flash else "torch SDPA") + " attention"
     else:
         path = "Transformer Engine spec"
-    SodaEmbedding.impl = m.embedding_impl
-    SodaOutputLayer.defer_to_loss = m.output_impl == "fused"
     chunks = []
     stages = range(p.vpp) if p.vpp > 1 else [None]
     for v in stages:
         first = ps.is_pipeline_first_stage(ignore_virtual=v is None, vp_stage=v)
         last = ps.is_pipeline_last_stage(ignore_virtual=v is None, vp_stage=v)
         if impl == "local":
-            spec = _local_block_spec(config, v)
+            spec = _local_block_spec(config, v, fp.norm, flash)
         else:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -266,23 +293,26 @@ def build_model(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cuda: boo
             **({} if v is None else {"vp_stage": v}),
         )
         if first:
-            _swap_embedding(model)
+            emb = _swap_embedding(model)
+            emb.impl, emb.into_main_grad = fp.embedding, fp.wgrad == "main_grad"
         if last:
             if type(model.output_layer) is not ColumnParallelLinear:
                 raise TypeError(f"unexpected output layer class {type(model.output_layer).__name__}")
             model.output_layer.__class__ = SodaOutputLayer
+            model.output_layer.defer_to_loss = fp.fused_output
         if cuda:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks, path
 
 
-def _swap_embedding(model: GPTModel) -> None:
+def _swap_embedding(model: GPTModel) -> SodaEmbedding:
     """Re-class megatron's VocabParallelEmbedding in place: parameters, init and checkpoint keys stay."""
     emb = model.embedding.word_embeddings
     if type(emb) is not VocabParallelEmbedding:
         raise TypeError(f"unexpected embedding class {type(emb).__name__}")
     emb.__class__ = SodaEmbedding
+    return emb
 
 
 def flops_per_token(m: ModelConfig, seq_length: int) -> float:

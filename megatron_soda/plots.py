@@ -55,12 +55,18 @@ def plot_bench(rows: list[dict], out: str | Path, last: int = 24) -> Path:
 
     rows = rows[-last:]
     names = [f"{r['label']}\n{r['variant']}" for r in rows]
-    colors = {"ours": "tab:blue", "ours-nokernels": "tab:cyan", "hf": "tab:orange", "hf-compile": "tab:red"}
+    colors = {
+        "ours": "tab:blue",
+        "ours-nokernels": "tab:cyan",
+        "ours-off": "tab:purple",
+        "hf": "tab:orange",
+        "hf-compile": "tab:red",
+    }
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
     bars = ax.bar(
         range(len(rows)),
         [r["tokens_per_s_per_gpu"] for r in rows],
-        color=[colors.get(r["variant"], "gray") for r in rows],
+        color=[colors.get(r["variant"], "tab:green" if "+" in r["variant"] else "gray") for r in rows],
     )
     for b, r in zip(bars, rows, strict=True):
         note = f"{100 * r['mfu']:.0f}% MFU" if r.get("mfu") is not None else f"{r['tflops_per_gpu']:.2g} TF/s"

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_soda.config import ConfigError, SodaConfig, load_config, save_config, validate
 from megatron_soda.data import MixtureDataset, SodaDataLoader
+from megatron_soda.fast_paths import FastPaths, resolve_fast_paths, save_fast_paths
 
 log = logging.getLogger("soda")
 
@@ -67,8 +68,9 @@ def init_distributed(device: str) -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("SODA_GLOO_TIMEOUT_S", "300"))))
 
 
-def setup_parallel(cfg: SodaConfig, need_data: bool = True) -> int:
-    """Process groups for TP x PP x DP; returns the DP degree."""
+def setup_parallel(cfg: SodaConfig, need_data: bool = True, fp: FastPaths | None = None) -> int:
+    """Process groups for TP x PP x DP; returns the DP degree. CUDA graphs need megatron's graph-safe
+    RNG tracker (generator objects a graph can register) from the start."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -80,7 +82,8 @@ def setup_parallel(cfg: SodaConfig, need_data: bool = True) -> int:
         virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
     )
     torch.manual_seed(cfg.train.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    graphs = fp is not None and fp.cuda_graph != "none"
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed, use_cudagraphable_rng=graphs)
     return dp
 
 
@@ -94,33 +97,51 @@ class Trainer:
     modules: list  # the unwrapped GPTModels
     optimizer: object
     scheduler: object
-    device: str
+    fast_paths: FastPaths
+    train_schedule: object  # megatron's forward-backward function, inside a full-iteration CUDA graph when on
 
 
-def wrap_model(cfg: SodaConfig, device: str) -> Trainer:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
+    """megatron-core's finalize_model_grads (DP / SP / embedding gradient reductions), then the
+    per-token loss normalisation as it does it (broadcast the token count over PP, sum it over DP,
+    divide every gradient by it), but as tensor arithmetic: megatron tests `num_tokens > 0` on the
+    host, a GPU-to-host sync per step that a CUDA graph cannot capture."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    if num_tokens is None:
+        return
+    pp_group = pg_collection.pp if pg_collection is not None else ps.get_pipeline_model_parallel_group()
+    dp_group = (
+        pg_collection.dp_cp if pg_collection is not None else ps.get_data_parallel_group(with_context_parallel=True)
+    )
+    dist.broadcast(num_tokens, src=dist.get_global_rank(pp_group, pp_group.size() - 1), group=pp_group)
+    dist.all_reduce(num_tokens, group=dp_group)
+    scale = 1.0 / num_tokens.clamp(min=1)  # no tokens: the gradients are zero and stay so
+    for chunk in model:
+        chunk.scale_gradients(scale)
+
+
+def wrap_model(cfg: SodaConfig, device: str, fp: FastPaths | None = None) -> Trainer:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
+    from megatron_soda.fast_paths import install, use_fused_adam
     from megatron_soda.model import build_model
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    m = cfg.model
-    if m.embedding_impl == "auto":  # the Triton kernels on GPU; on CPU they would run interpreted
-        m.embedding_impl = "triton" if cuda else "torch"
-    if m.output_impl == "auto":
-        m.output_impl = "fused" if cuda else "torch"
-    modules, path = build_model(cfg.model, cfg.parallel, dtype, cuda)
+    fp = fp or resolve_fast_paths(cfg, cuda)
+    installed = install(fp)
+    modules, path = build_model(cfg.model, cfg.parallel, dtype, cuda, fp)
     if dist.get_rank() == 0:
-        log.info(
-            "layers: %s; embedding: %s; output layer: %s; %s",
-            path,
-            m.embedding_impl,
-            m.output_impl,
-            "bf16" if cuda else "fp32 (CPU backend)",
-        )
+        log.info("layers: %s; %s; %s", path, fp.describe(), "bf16" if cuda else "fp32 (CPU backend)")
+        if installed:
+            log.info("megatron-core fast-path hooks filled: %s", ", ".join(installed))
     config = modules[0].config
     compute = [Float16Module(config, m) if dtype == torch.bfloat16 else m for m in modules]
     p = cfg.parallel
@@ -148,7 +169,9 @@ def wrap_model(cfg: SodaConfig, device: str) -> Trainer:
         use_distributed_optimizer=p.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
-    config.finalize_model_grads_func = finalize_model_grads
+    if fp.adam == "fused":
+        use_fused_adam(optimizer)
+    config.finalize_model_grads_func = finalize_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     if p.overlap_grad_reduce:
@@ -170,7 +193,17 @@ def wrap_model(cfg: SodaConfig, device: str) -> Trainer:
         wsd_decay_steps=int(round(o.decay_fraction * steps)) if o.schedule == "wsd" else None,
         lr_wsd_decay_style="linear" if o.schedule == "wsd" else None,
     )
-    return Trainer(cfg, chunks, modules, optimizer, scheduler, device)
+    schedule = get_forward_backward_func()
+    if fp.cuda_graph == "full_iteration":
+        from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+        schedule = FullCudaGraphWrapper(schedule, cuda_graph_warmup_steps=CUDA_GRAPH_WARMUP_STEPS)
+    return Trainer(cfg, chunks, modules, optimizer, scheduler, fp, schedule)
+
+
+# Eager steps before the graph is captured: the first compiles the Triton kernels, picks cuBLAS
+# algorithms and the weight-gradient GEMM form; the capture then replays as the third step.
+CUDA_GRAPH_WARMUP_STEPS = 2
 
 
 # --- one step -----------------------------------------------------------------------------------
@@ -208,10 +241,11 @@ class StepStats:
         return out
 
 
-def make_forward_step(cfg: SodaConfig, layout, device: str, inject_nan: bool = False):
+def make_forward_step(cfg: SodaConfig, layout, device: str, fp: FastPaths | None = None, inject_nan: bool = False):
     from megatron_soda.loss import loss_breakdown, output_losses
     from megatron_soda.model import local_vocab_range, output_weight
 
+    fp = fp or FastPaths()
     vocab_start, _ = local_vocab_range(cfg.model)
     z_weight = cfg.optim.z_loss
 
@@ -233,6 +267,8 @@ def make_forward_step(cfg: SodaConfig, layout, device: str, inject_nan: bool = F
                 vocab_start,
                 lambda: output_weight(model),
                 cfg.parallel.sequence_parallel,
+                fused=fp.fused_output,
+                into_main_grad=fp.wgrad == "main_grad",
             )
             nll_sum = (nll.detach() * mask).sum()
             z_sum = (log_z.detach().square() * mask).sum()
@@ -263,13 +299,20 @@ def grads_finite(chunks) -> bool:
 
 
 def run_schedule(tr: Trainer, loader_iter, forward_step, num_micro: int, forward_only: bool) -> list[dict]:
+    """One global batch through megatron's schedule (the training one, graphed when CUDA graphs are
+    on; evaluation always eager)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     t = tr.cfg.train
     micro = [next(loader_iter) for _ in range(num_micro)]
     data = [iter(micro) for _ in tr.chunks] if len(tr.chunks) > 1 else iter(micro)
     model = tr.chunks if len(tr.chunks) > 1 else tr.chunks[0]
-    return get_forward_backward_func()(
+    schedule = get_forward_backward_func() if forward_only else tr.train_schedule
+    if getattr(schedule, "curr_iter", None) and schedule.curr_iter("training") == schedule.cuda_graph_warmup_steps:
+        # the capture comes next: hand the eager steps' cached activation blocks back to the device,
+        # else the graph's own memory pool comes on top of them (1.7B at micro-batch 2 ran out of memory)
+        torch.cuda.empty_cache()
+    return schedule(
         forward_step_func=forward_step,
         data_iterator=data,
         model=model,
@@ -355,7 +398,8 @@ def train(cfg: SodaConfig) -> dict:
     from megatron_soda.model import flops_per_token, param_counts, peak_tflops
 
     device = resolve_device(cfg.train.device)
-    dp = setup_parallel(cfg)
+    fp = resolve_fast_paths(cfg, device == "cuda")
+    dp = setup_parallel(cfg, fp=fp)
     rank0 = dist.get_rank() == 0
     run_dir = Path(cfg.run_dir)
     t = cfg.train
@@ -372,9 +416,10 @@ def train(cfg: SodaConfig) -> dict:
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        save_fast_paths(fp, run_dir / "fast_paths.yaml")
     dist.barrier()
 
-    tr = wrap_model(cfg, device)
+    tr = wrap_model(cfg, device, fp)
     loader = SodaDataLoader(dataset, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp)
     checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
     step, skipped_total = 0, 0
@@ -416,8 +461,8 @@ def train(cfg: SodaConfig) -> dict:
         )
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     stats = StepStats(layout)
-    fwd = make_forward_step(cfg, layout, device)
-    fwd_nan = make_forward_step(cfg, layout, device, inject_nan=True)
+    fwd = make_forward_step(cfg, layout, device, fp)
+    fwd_nan = make_forward_step(cfg, layout, device, fp, inject_nan=True)
     flops_tok = flops_per_token(cfg.model, t.seq_length)
     peak = peak_tflops(t.peak_tflops)
     metrics = MetricsLog(run_dir, cfg, rank0)

@@ -1,65 +1,97 @@
 #!/usr/bin/env bash
-# What only a GPU can show, in one command: the Triton kernels compiled for real (parity + speed/
-# memory vs megatron-core), the CUDA path of megatron-core training (bf16) with tokens/s, MFU and
-# peak memory of the presets next to transformers' Qwen3 on the same GPU, and Mimi's encoding speed.
-# Usage (repo root, a venv or system python with torch + CUDA):
-#   scripts/gpu_check.sh [PRESETS="135m 600m 1.7b 4b"] [STEPS=10] [PARTS="kernels train tokenize"]
-# Env: ACCUM micro-batches per optimizer step (default 4), VARIANTS (default ours,ours-nokernels,hf),
-# PROFILE=DIR adds a torch.profiler trace per variant (top operators printed). Every part runs under
-# `timeout $STEP_TIMEOUT` (default 300 s) so one stuck part cannot eat a lease.
-# Results: bench/results/{train.jsonl,train.png,kernels.json,tokenize.json} and printed tables
-# (copied to $OUT when set, as on the lent device machines); copy them into docs/PERFORMANCE.md.
-# On the lent device machines, megatron-core and webdataset come as wheels in .whl/ (see
-# docs/PERFORMANCE.md); this script installs them to /tmp/site when .whl/ exists.
+# What only a GPU can show, in one command: the Triton kernels compiled for real (parity in fp32 and
+# bf16, speed/memory vs torch, megatron-core, Liger-Kernel, cut-cross-entropy), the CUDA path of
+# megatron-core training (bf16) with tokens/s, MFU, the step split and peak memory of the presets
+# next to transformers' Qwen3, the speed levers' ablation, and Mimi's encoding speed.
+#
+# Usage (repo root; a venv or system python with torch + CUDA):
+#   scripts/gpu_check.sh <part> [<part> ...]
+# Parts, in the order they are worth a lease:
+#   smoke     ~2 min: kernel selfchecks (fp32, bf16), a 135M step with every lever on next to all off
+#   perf      ~8.5 min: bf16 selfcheck, 30-step bf16 loss comparison all-on vs all-off (135M), the
+#             135M and 1.7B headline rows next to transformers, the 135M lever ablation, the kernel bench
+#   perf2     ~9 min: 600M headline, 1.7B ablation, 4B (needs an H200: AdamW's 18 B/param > 80 GB)
+#   kernels   the kernel bench alone;  train  the presets in $PRESETS;  tokenize  Mimi encoding
+# Env: PRESETS (train part), STEPS (measured steps), ACCUM (micro-batches per step), VARIANTS,
+#   PROFILE=DIR (torch.profiler trace + top operators per variant), STEP_TIMEOUT (s per command).
+# Every command runs under `timeout` so one stuck part cannot eat a lease, and every result is
+# copied to $OUT as soon as it exists (the device machines bring back only what is there).
+# Results: bench/results/{train.jsonl,train.png,kernels.json,tokenize.json,selfcheck_*.jsonl,log}.
+# On the lent device machines megatron-core, webdataset, Liger-Kernel and cut-cross-entropy come as
+# wheels in .whl/ (docs/PERFORMANCE.md says how); this script installs them to /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PRESETS=${1:-"135m 600m 1.7b 4b"}
-STEPS=${2:-10}
-PARTS=${3:-"kernels train tokenize"}
+PARTS=${*:-smoke}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 SODA="python3 -m megatron_soda.cli"
-mkdir -p bench/results
-run() {  # run <what> <command...>: bounded in time, a failure reported and the script goes on
-  local what=$1; shift
+R=bench/results
+mkdir -p $R
+T0=$SECONDS
+save() { if [ -n "${OUT:-}" ]; then cp $R/* "$OUT"/ 2>/dev/null; fi; }
+run() {  # run <what> <seconds> <command...>: bounded in time, a failure reported and the script goes on
+  local what=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$STEP_TIMEOUT" "$@" || echo "!! $what failed or timed out (rc $?)"
+  echo "== $what (at $((SECONDS - T0)) s)"
+  timeout "$limit" "$@" || echo "!! $what failed or timed out (rc $?)"
   echo "-- $what: $((SECONDS - t0)) s"
+  save
 }
+selfchecks() {
+  for dt in fp32 bf16; do
+    run "selfcheck $dt" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck \
+      $([ $dt = bf16 ] && echo --bf16) | tee $R/selfcheck_$dt.jsonl"
+  done
+}
+bench() {  # bench <preset> <micro> <accum> <steps> <warmup> <variants> <seconds> [overrides...]
+  local p=$1 mb=$2 acc=$3 steps=$4 warm=$5 variants=$6 limit=$7; shift 7
+  run "bench train soda-$p [$variants]" "$limit" $SODA bench train --config "configs/soda-$p.yaml" --device cuda \
+    --steps "$steps" --warmup "$warm" --train.seq_length 4096 --train.micro_batch_size "$mb" \
+    --train.global_batch_size $((mb * acc)) --variants "$variants" --label "soda-$p mb$mb x$acc s4096" \
+    --results $R/train.jsonl --plot $R/train.png ${PROFILE:+--profile "$PROFILE/$p"} "$@"
+}
+ABLATION=ours-off+graphs,ours-off+wgrad,ours-off+norm,ours-off+rope,ours-off+adam
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'megatron-core', m.__version__)"
 for part in $PARTS; do
   case $part in
+  smoke)
+    run "selfcheck bf16" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck --bf16 | tee $R/selfcheck_bf16.jsonl"
+    bench 135m 8 2 3 3 ours-off,ours 240 --train.steps 6 --baseline-micro-batch 2
+    run "bench kernels (one shape)" 120 $SODA bench kernels --hidden 2560 --tokens 8192 --reps 3 --json $R/kernels_smoke.json ;;
+  perf)  # ~8.5 min on an H100, measured part by part on 2026-11-25 (each variant is its own process, ~30 s)
+    run "selfcheck bf16" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck --bf16 | tee $R/selfcheck_bf16.jsonl"
+    # 30-step bf16 loss comparison, all levers on vs all off (the LR schedule spans those 30 steps)
+    bench 135m 8 2 27 3 ours-off,ours 150 --train.steps 30
+    bench 135m 8 2 3 2 hf 90 --baseline-micro-batch 2
+    bench 1.7b 2 8 3 2 ours,ours-off,hf 200 --baseline-micro-batch 1
+    # each lever alone; ours-off again with the same settings, so graphs-vs-eager losses compare
+    bench 135m 8 2 5 3 "ours-off,$ABLATION" 200
+    run "bench kernels" 110 $SODA bench kernels --hidden 576,2560 --tokens 8192,32768 --reps 3 --json $R/kernels.json ;;
+  perf2)  # the rest of issue 14's list (another ~9 min): 600M headline, 1.7B ablation, 4B on an H200
+    bench 600m 4 4 3 2 ours,ours-off,hf 200 --baseline-micro-batch 2
+    bench 1.7b 2 8 3 2 "ours-off,$ABLATION" 300
+    bench 4b 1 8 3 2 ours,hf 200 ;;
   kernels)
-    echo "== Triton kernels compiled for this GPU: parity (fp32, then bf16) and speed/memory vs megatron-core"
-    run "selfcheck fp32" python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck
-    run "selfcheck bf16" python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck --bf16
-    run "bench kernels" $SODA bench kernels --hidden "${KERNEL_HIDDEN:-576,1024,2048,2560}" --tokens 8192,32768 --reps 10 \
-      --json bench/results/kernels.json ;;
+    run "bench kernels" 300 $SODA bench kernels --hidden "${KERNEL_HIDDEN:-576,1024,2048,2560}" --tokens 8192,32768 \
+      --reps 10 --json $R/kernels.json ;;
   train)
-    echo "== training throughput at seq 4096: ours (kernels), ours (torch embedding/CE), transformers Qwen3"
-    for p in $PRESETS; do
-      case $p in  # micro-batch that fits one 80 GB GPU with the transformers baseline beside it
-        135m) MB=2; EXTRA="" ;;  # mb 4 fits ours (fused CE) but not the unfused output layer
-        600m) MB=2; EXTRA="" ;;
-        1.7b) MB=1; EXTRA="" ;;
-        4b) MB=1; EXTRA="--parallel.recompute full" ;;  # AdamW states alone: 18 B/param = 72 GB
-        *) echo "unknown preset $p"; continue ;;
+    for p in ${PRESETS:-135m 600m 1.7b 4b}; do
+      case $p in  # micro-batch that fits one 80 GB GPU
+        135m) MB=8 ;; 600m) MB=4 ;; 1.7b) MB=2 ;; 4b) MB=1 ;; *) echo "unknown preset $p"; continue ;;
       esac
-      # shellcheck disable=SC2086
-      run "bench train soda-$p" $SODA bench train --config "configs/soda-$p.yaml" --device cuda --steps "$STEPS" \
-        --warmup 3 --train.seq_length 4096 --train.micro_batch_size $MB --train.global_batch_size $((MB * ${ACCUM:-4})) \
-        $EXTRA ${PROFILE:+--profile "$PROFILE/$p"} --variants ${VARIANTS:-ours,ours-nokernels,hf} --label "soda-$p mb$MB x${ACCUM:-4} s4096"
+      bench "$p" $MB "${ACCUM:-4}" "${STEPS:-10}" 3 "${VARIANTS:-ours,ours-nokernels,hf}" "$STEP_TIMEOUT"
     done ;;
   tokenize)
-    echo "== Mimi encoding (random weights, the real architecture and compute)"
-    run "bench tokenize" $SODA bench tokenize --codec random:0 --device cuda --batch 1,8,32,64 --seconds 10 \
-      --json bench/results/tokenize.json ;;
+    run "bench tokenize" "$STEP_TIMEOUT" $SODA bench tokenize --codec random:0 --device cuda --batch 1,8,32,64 \
+      --seconds 10 --json $R/tokenize.json ;;
+  *) echo "unknown part $part (smoke, perf, perf2, kernels, train, tokenize)" ;;
   esac
 done
-if [ -n "${OUT:-}" ]; then cp bench/results/* "$OUT"/ 2>/dev/null; fi
+echo "gpu_check done in $((SECONDS - T0)) s"
+save

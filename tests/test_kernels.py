@@ -19,6 +19,10 @@ import torch
 import megatron_soda  # noqa: F401  (Triton interpreter on CPU)
 from kernels.codec_embedding import fused_embedding
 from kernels.fused_ce import fused_linear_cross_entropy
+from kernels.grad_accum import wgrad_gemm_accum_fp32
+from kernels.multi_tensor import multi_tensor_l2norm, multi_tensor_scale
+from kernels.rmsnorm import rms_norm
+from kernels.rope import fused_apply_rotary_pos_emb
 from tests.launch import ROOT, env, losses, run_train
 
 SEED = int(time.time()) % 100_000
@@ -86,6 +90,110 @@ def test_fused_linear_ce_matches_logits_then_logsumexp(start, v_local, real, mod
     assert (w.grad[pad] == 0).all()  # padding rows never get probability mass
 
 
+def _main_grad(w: torch.Tensor, fill: float = 0.25) -> torch.Tensor:
+    """A weight as megatron's DDP leaves it: an fp32 main_grad buffer (here pre-filled, as after an
+    earlier micro-batch) and the not-yet-added flag."""
+    w.main_grad = torch.full(w.shape, fill)
+    w.grad_added_to_main_grad = False
+    return w
+
+
+def test_kernels_add_their_weight_gradient_into_main_grad():
+    """Gradient-accumulation fusion: the fused embedding and output layer add d(weight) (times the
+    upstream gradient) to main_grad themselves, flag it for megatron's DDP hook, and the sum equals
+    what the separate gradient would have added."""
+    g = _gen(3)
+    table = _main_grad(torch.randn(300, 24, generator=g).requires_grad_(True))
+    ids = torch.randint(0, 300, (5, 40), generator=g)
+    grad = torch.randn(5, 40, 24, generator=g)
+    fused_embedding(ids, table, 0, 300, into_main_grad=True).backward(grad)
+    ref = torch.zeros(300, 24).index_add_(0, ids.reshape(-1), grad.reshape(-1, 24))
+    assert table.grad_added_to_main_grad and torch.allclose(table.main_grad, 0.25 + ref, atol=1e-6), f"seed {SEED}"
+
+    h = torch.randn(70, 24, generator=g, requires_grad=True)
+    w = _main_grad((torch.randn(256, 24, generator=g) * 0.3).requires_grad_(True))
+    labels, mask = torch.randint(0, 250, (70,), generator=g), torch.ones(70)
+    _, _, loss = fused_linear_cross_entropy(h, w, labels, 0, 250, chunk=32, loss_weight=mask, into_main_grad=True)
+    (1.5 * loss).backward()
+    wr = w.detach().clone().requires_grad_(True)
+    _, _, loss_r = fused_linear_cross_entropy(h.detach(), wr, labels, 0, 250, chunk=32, loss_weight=mask)
+    (1.5 * loss_r).backward()
+    assert w.grad_added_to_main_grad
+    assert (w.main_grad - 0.25 - wr.grad).abs().max() <= 2e-5 * max(1.0, wr.grad.abs().max().item()), f"seed {SEED}"
+
+
+def test_wgrad_gemm_and_multi_tensor_ops_match_megatron():
+    """The apex-named functions megatron-core calls (kernels/grad_accum.py, kernels/multi_tensor.py)
+    against the arithmetic they replace and megatron-core's own Python fallbacks."""
+    from megatron.core.utils import local_multi_tensor_scale
+
+    g = _gen(4)
+    x, dy = torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 9, generator=g)
+    main_grad = torch.randn(9, 16, generator=g)
+    want = main_grad + dy.reshape(-1, 9).t() @ x.reshape(-1, 16)
+    wgrad_gemm_accum_fp32(x.reshape(-1, 16), dy.reshape(-1, 9), main_grad)
+    assert torch.allclose(main_grad, want, atol=1e-5)
+
+    ts = [torch.randn(n, generator=g) for n in (3, 100, 17)]
+    flag = torch.zeros(1, dtype=torch.int)
+    ours, _ = multi_tensor_l2norm(0, flag, [ts], False)
+    theirs = torch.norm(torch.stack([torch.norm(t) for t in ts]))  # megatron's fallback, minus its host round trip
+    assert torch.allclose(ours, theirs.reshape(1), rtol=1e-6)
+    a, b = [torch.empty_like(t) for t in ts], [torch.empty_like(t) for t in ts]
+    multi_tensor_scale(0, flag, [ts, a], 0.3)
+    local_multi_tensor_scale(0, flag, [ts, b], 0.3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    c = [t.clone() for t in ts]
+    multi_tensor_scale(0, flag, [c, c], 0.5)  # in place, as clipping calls it
+    assert all(torch.equal(x, t * 0.5) for x, t in zip(c, ts, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(37, 3, 48), (5, 2, 4, 16), (0, 8)])
+def test_rmsnorm_matches_torch(shape):
+    """Hidden-state and per-head (QK-norm) shapes, and no rows at all; d(input) and d(weight)."""
+    g = _gen(5)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).requires_grad_(True)
+    dy = torch.randn(*shape, generator=g)
+    rms_norm(x, w, 1e-5).backward(dy)
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    torch.nn.functional.rms_norm(xr, (shape[-1],), wr, 1e-5).backward(dy)
+    assert torch.allclose(x.grad, xr.grad, atol=2e-6) and torch.allclose(w.grad, wr.grad, atol=2e-5), f"seed {SEED}"
+
+
+def test_rope_matches_megatron_unfused_on_a_strided_view():
+    """The query is a view into the fused QKV projection (strided heads), as megatron hands it over."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    g = _gen(6)
+    qkv = torch.randn(11, 2, 3, 3 * 16, generator=g, requires_grad=True)
+    q = qkv[..., 16:32]
+    half = torch.rand(11, 1, 1, 8, generator=g) * 11
+    freqs = torch.cat([half, half], -1)
+    dy = torch.randn(11, 2, 3, 16, generator=g)
+    out = fused_apply_rotary_pos_emb(q, freqs)
+    out.backward(dy)
+    qr = q.detach().clone().requires_grad_(True)
+    ref = _apply_rotary_pos_emb_bshd(qr, freqs)
+    ref.backward(dy)
+    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(qkv.grad[..., 16:32], qr.grad, atol=1e-6)
+    assert qkv.grad[..., :16].abs().max() == 0 and qkv.grad[..., 32:].abs().max() == 0
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Triton's interpreter accepts what its compiler refuses (a GPU session lost a run to a Python
+    global in a kernel): every kernel is compiled for sm_90 here, no GPU needed."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.triton_compile"],
+        capture_output=True,
+        text=True,
+        env=dict(env(), TRITON_INTERPRET="0"),
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout + r.stderr[-2000:]
+
+
 def test_fused_linear_ce_loss_without_grad_skips_the_gradient_work():
     """Evaluation runs under no_grad: the training path then returns the same numbers without a
     graph (so no gradient work is kept for a backward that cannot come)."""
@@ -126,17 +234,33 @@ def test_tp2_parity_through_gloo():
     assert r.returncode == 0 and len(rows) == 2 and all(x["ok"] for x in rows), (r.stdout, r.stderr[-2000:])
 
 
+LEVERS = (  # every speed switch the CPU backend can run (CUDA graphs need a GPU)
+    "--model.norm_impl",
+    "triton",
+    "--model.rope_impl",
+    "triton",
+    "--model.wgrad_impl",
+    "main_grad",
+    "--optim.adam_impl",
+    "fused",
+)
+
+
 @pytest.mark.slow
-def test_training_loss_with_kernels_equals_without(prepared, tmp_path):
-    """Same init, same data: torch embedding + logits path at TP=1 vs both kernels at TP=2 with
-    sequence parallelism (embedding reduce-scatter, gathered fused output layer)."""
+def test_training_loss_with_kernels_and_levers_equals_without(prepared, tmp_path):
+    """Same init, same data: the torch paths at TP=1 vs every kernel and lever at TP=1, and at TP=2
+    with sequence parallelism (embedding reduce-scatter, gathered fused output layer, the norms'
+    weight gradients reduced over TP, weight gradients accumulated into main_grad, fused AdamW)."""
     init = tmp_path / "init"
     run_train(init, prepared, 1, "--train.steps", "1", "--optim.lr", "0")
     ref = tmp_path / "ref"
     run_train(ref, prepared, 1, "--train.steps", "2", "--checkpoint.init_from", str(init))
-    fused = tmp_path / "fused"
+    kernels = ("--model.embedding_impl", "triton", "--model.output_impl", "fused", "--model.ce_chunk_tokens", "200")
+    tp1 = tmp_path / "tp1"
+    run_train(tp1, prepared, 1, "--train.steps", "2", "--checkpoint.init_from", str(init), *kernels, *LEVERS)
+    tp2 = tmp_path / "tp2"
     run_train(
-        fused,
+        tp2,
         prepared,
         2,
         "--train.steps",
@@ -147,15 +271,14 @@ def test_training_loss_with_kernels_equals_without(prepared, tmp_path):
         "2",
         "--parallel.sequence_parallel",
         "true",
-        "--model.embedding_impl",
-        "triton",
-        "--model.output_impl",
-        "fused",
-        "--model.ce_chunk_tokens",
-        "200",
+        *kernels,
+        *LEVERS,
     )
-    a, b = losses(ref), losses(fused)
-    assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5, (a, b)
+    a = losses(ref)
+    for run in (tp1, tp2):
+        b = losses(run)
+        assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5, (run.name, a, b)
+    assert "norm: triton" in (tp2 / "fast_paths.yaml").read_text()
 
 
 def test_bench_kernels_prints_ratios():

@@ -101,18 +101,23 @@ def test_single_process_loss_decreases(prepared, tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
 
 
+# The GPU's optimizer path (fused AdamW, weight gradients accumulated into main_grad) must resume
+# exactly too; the DP-change test below runs the CPU default (megatron's foreach AdamW) against it.
+FUSED = ("--optim.adam_impl", "fused", "--model.wgrad_impl", "main_grad")
+
+
 @pytest.fixture(scope="module")
 def straight(prepared, tmp_path_factory):
     run = tmp_path_factory.mktemp("straight") / "run"
-    run_train(run, prepared, 1, "--train.steps", "6")
+    run_train(run, prepared, 1, "--train.steps", "6", *FUSED)
     return run
 
 
 def test_resume_is_bitwise_identical(prepared, straight, tmp_path):
     run = tmp_path / "run"
-    first = run_train(run, prepared, 1, "--train.steps", "6", "--train.exit_interval", "3")
+    first = run_train(run, prepared, 1, "--train.steps", "6", "--train.exit_interval", "3", *FUSED)
     assert '"preempted": true' in first.stdout and len(losses(run)) == 3
-    run_train(run, prepared, 1, "--train.steps", "6", "--train.exit_interval", "3")
+    run_train(run, prepared, 1, "--train.steps", "6", "--train.exit_interval", "3", *FUSED)
     a, b = metrics(straight), metrics(run)
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise on CPU
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
@@ -133,11 +138,11 @@ def test_resume_under_another_dp_degree_with_distributed_optimizer_and_async_sav
 
 def test_sigterm_saves_and_resume_continues_exactly(prepared, straight, tmp_path):
     run = tmp_path / "run"
-    rc, out, err = run_until_signal(run, prepared, 2, "--train.steps", "6")
+    rc, out, err = run_until_signal(run, prepared, 2, "--train.steps", "6", *FUSED)
     assert rc == 0, err[-2000:]
     done = len(losses(run))
     assert 2 <= done < 6 and (run / "checkpoints" / "latest").read_text().strip() == f"iter_{done:07d}"
-    run_train(run, prepared, 1, "--train.steps", "6")
+    run_train(run, prepared, 1, "--train.steps", "6", *FUSED)
     assert losses(run) == losses(straight)
 
 

@@ -5,9 +5,12 @@ compile caches of one never leak into the next, and each sees the same synthetic
 (random ids of the model's vocabulary, held in memory: the loader is benchmarked on its own by
 `soda bench loader`). Variants:
 
-- `ours`: the real training step (megatron-core schedule, DDP, optimizer), kernels as configured
-  (`auto` = the Triton kernels on GPU);
+- `ours`: the real training step (megatron-core schedule, DDP, optimizer), every speed switch as
+  configured (`auto` = the fast path on GPU: megatron_soda/fast_paths.py);
 - `ours-nokernels`: the same with torch's embedding and output layer + cross-entropy;
+- `ours-off`: the speed levers (CUDA graphs, weight-gradient fusion, Triton RMSNorm and RoPE, fused
+  AdamW) all off, the embedding/output kernels as configured; `ours-off+graphs`, `ours-off+wgrad`,
+  ... turn one lever (or several, joined by +) back on: the ablation;
 - `hf`: transformers' Qwen3ForCausalLM of the same config, SDPA, fused AdamW, bf16 autocast on
   GPU (fp32 on CPU), one process holding the same per-GPU micro-batches; `hf-compile` adds
   torch.compile. This is what a user would otherwise write.
@@ -35,8 +38,35 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("ours", "ours-nokernels", "hf", "hf-compile")
-DEFAULT_RESULTS = "bench/results/train.jsonl"
+VARIANTS = ("ours", "ours-nokernels", "ours-off", "hf", "hf-compile")
+# lever name in a variant -> the config switch it turns on (off: the switch's torch choice)
+LEVER_NAMES = {"graphs": "cuda_graph", "wgrad": "wgrad", "norm": "norm", "rope": "rope", "adam": "adam"}
+
+
+def check_variant(v: str) -> None:
+    """`ours-off+graphs+adam` style names are valid too; raises ValueError naming the unknown part."""
+    base, *levers = v.split("+")
+    if base not in VARIANTS or (levers and base != "ours-off"):
+        raise ValueError(f"unknown variant {v!r}: {', '.join(VARIANTS)}, or ours-off+<lever>[+<lever>...]")
+    bad = [x for x in levers if x not in LEVER_NAMES]
+    if bad:
+        raise ValueError(f"variant {v!r}: unknown lever {bad[0]!r} (levers: {', '.join(LEVER_NAMES)})")
+
+
+def variant_overrides(v: str) -> dict:
+    """The config overrides a variant of ours stands for."""
+    from megatron_soda.config import IMPL_CHOICES
+
+    base, *levers = v.split("+")
+    out: dict = {}
+    if base == "ours-nokernels":
+        out = {"model": {"embedding_impl": "torch", "output_impl": "torch"}}
+    if base == "ours-off":
+        on = {LEVER_NAMES[x] for x in levers}
+        for name in LEVER_NAMES.values():
+            section, key, (fast, slow) = IMPL_CHOICES[name]
+            out.setdefault(section, {})[key] = fast if name in on else slow
+    return out
 
 
 def bench_layout(vocab_size: int):
@@ -151,6 +181,7 @@ def _summary(
         "peak_memory_gb": _peak_memory_gb(device),
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "losses": losses,  # every step's, warm-up included: variants started alike compare step by step
         "date": date.today().isoformat(),
         "versions": _versions(),
     }
@@ -183,10 +214,14 @@ def _measure(step, warmup: int, steps: int, device: str, profile_dir: str | None
 # --- ours ----------------------------------------------------------------------------------------
 
 
-def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | None) -> dict | None:
+def bench_ours(cfg, steps: int, warmup: int, variant: str, profile_dir: str | None) -> dict | None:
     """Time the real training step; call inside an initialized process group. Row on rank 0."""
+    import dataclasses
+
     import torch.distributed as dist
 
+    from megatron_soda.config import config_from_dict
+    from megatron_soda.fast_paths import resolve_fast_paths
     from megatron_soda.model import peak_tflops
     from megatron_soda.train import (
         StepStats,
@@ -198,19 +233,24 @@ def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | N
     )
 
     device = resolve_device(cfg.train.device)
-    dp = setup_parallel(cfg, need_data=False)
+    over = variant_overrides(variant)
+    values = cfg.to_dict()
+    for section, kv in over.items():
+        values[section].update(kv)
+    cfg = config_from_dict(values)
+    fp = resolve_fast_paths(cfg, device == "cuda")
+    graphs = fp.cuda_graph != "none"
+    dp = setup_parallel(cfg, need_data=False, fp=fp)
     layout = bench_layout(cfg.model.vocab_size)
     cfg.model.vocab_size = layout.vocab_size
-    if not kernels:
-        cfg.model.embedding_impl, cfg.model.output_impl = "torch", "torch"
-    tr = wrap_model(cfg, device)
+    tr = wrap_model(cfg, device, fp)
     t = cfg.train
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     micro = synthetic_micro_batches(
         layout.vocab_size, t.micro_batch_size, t.seq_length, num_micro, seed=dist.get_rank()
     )
     stats = StepStats(layout)
-    fwd = make_forward_step(cfg, layout, device)
+    fwd = make_forward_step(cfg, layout, device, fp)
     config = tr.modules[0].config
     sync_time = [0.0]
     finalize = config.finalize_model_grads_func
@@ -223,7 +263,8 @@ def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | N
         sync_time[0] += time.perf_counter() - t0
         return out
 
-    config.finalize_model_grads_func = timed_finalize
+    if not graphs:  # inside a CUDA graph nothing may synchronise: the grad sync is then part of backward
+        config.finalize_model_grads_func = timed_finalize
 
     def cycle():
         while True:
@@ -262,9 +303,10 @@ def bench_ours(cfg, steps: int, warmup: int, kernels: bool, profile_dir: str | N
         times["forward"].append(time.perf_counter() - t0)
     f = statistics.median(times["forward"])
     times["backward"] = [max(0.0, b - f) for b in times["backward"]]
-    impl = f"embedding {cfg.model.embedding_impl}, output {cfg.model.output_impl}"
-    variant = "ours" if kernels else "ours-nokernels"
-    row = _summary(cfg, variant, impl, device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops))
+    row = _summary(
+        cfg, variant, fp.describe(), device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops)
+    )
+    row["fast_paths"] = dataclasses.asdict(fp)
     # every rank's peak matters (PP stages differ): report the largest
     peak = torch.tensor([row["peak_memory_gb"]], dtype=torch.float64, device=device if device == "cuda" else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -372,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_soda.train import init_distributed, resolve_device
 
     ap = argparse.ArgumentParser(prog="soda bench train (one variant)")
-    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    ap.add_argument("--variant", required=True)
     ap.add_argument("--config")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--steps", type=int, default=10)
@@ -387,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config, rest)
         cfg.train.device = a.device
         device = resolve_device(cfg.train.device)
+        check_variant(a.variant)
         if a.variant.startswith("ours"):
             validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), need_data=False)
         bench_layout(cfg.model.vocab_size)
@@ -398,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         init_distributed(device)
         try:
-            row = bench_ours(cfg, a.steps, a.warmup, a.variant == "ours", a.profile)
+            row = bench_ours(cfg, a.steps, a.warmup, a.variant, a.profile)
+        except ConfigError as e:
+            print(f"soda bench train: error: {e}", file=sys.stderr)
+            return 2
         finally:
             from megatron.core import parallel_state as ps
 
@@ -425,9 +471,10 @@ def run_suite(
     label: str,
     profile: str | None,
     command: str = "",
+    baseline_micro_batch: int = 0,
 ) -> list[dict]:
-    """Run each variant in its own process, print the table with ours/baseline ratios, append the
-    rows to `results` (JSON lines) and draw the comparison PNG."""
+    """Run each variant in its own process, append each row to `results` (JSON lines) as soon as it
+    exists, then print the table with ours/baseline ratios and draw the comparison PNG."""
     import subprocess
     import tempfile
 
@@ -460,8 +507,11 @@ def run_suite(
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
             else:
                 cmd = [sys.executable]
+            extra = []
+            if v.startswith("hf") and baseline_micro_batch:
+                extra = ["--train.micro_batch_size", str(baseline_micro_batch)]
             proc = subprocess.run(
-                [*cmd, "-m", "megatron_soda.benchmarks.train", *args, *overrides],
+                [*cmd, "-m", "megatron_soda.benchmarks.train", *args, *overrides, *extra],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -480,7 +530,14 @@ def run_suite(
                 or f"{row['preset']} tp{row['tp']}pp{row['pp']}dp{row['dp']} mb{row['micro_batch']} s{row['seq_len']}"
             )
             row["command"] = command
+            ours = next((r for r in rows if r["variant"] == "ours"), None)
+            if ours is not None:  # list ours first to have the ratio in every later row
+                row["ours_over_this"] = ours["tokens_per_s_per_gpu"] / row["tokens_per_s_per_gpu"]
             rows.append(row)
+            Path(results).parent.mkdir(parents=True, exist_ok=True)
+            with open(results, "a") as f:  # now: a later variant that hangs past a time limit keeps this one
+                f.write(json.dumps(row) + "\n")
+            print(f"{v}: {row['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (appended to {results})", flush=True)
     failures = "; ".join(f"bench variant {v} failed ({why})" for v, why in failed.items())
     if not rows:
         raise RuntimeError(failures)
@@ -489,11 +546,6 @@ def run_suite(
         if ours is not None and r is not ours:
             r["ours_over_this"] = ours["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
     print(format_table(rows))
-    Path(results).parent.mkdir(parents=True, exist_ok=True)
-    with open(results, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(f"results appended to {results}")
     if plot_path:
         from megatron_soda.plots import plot_bench
 
@@ -507,10 +559,20 @@ def read_results(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
+def loss_gap(a: dict, b: dict) -> float | None:
+    """Largest per-step loss difference of two variants of ours (same seed, data and steps), or None."""
+    if not (a["variant"].startswith("ours") and b["variant"].startswith("ours")):
+        return None
+    la, lb = a.get("losses") or [], b.get("losses") or []
+    if not la or len(la) != len(lb):
+        return None
+    return max(abs(x - y) for x, y in zip(la, lb, strict=True))
+
+
 def format_table(rows: list[dict]) -> str:
     cols = ["tok/s/GPU", "TFLOP/s/GPU", "MFU", "step s", "fwd", "bwd", "sync", "opt", "peak GB", "ours/this"]
     widths = [12, 11, 6, 8, 7, 7, 7, 7, 8, 9]
-    head = f"{'variant':<15} " + " ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True))
+    head = f"{'variant':<22} " + " ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True))
     lines = [f"{rows[0]['label']}: {rows[0]['device']}, {rows[0]['dtype']}", head, "-" * len(head)]
     for r in rows:
         split = [r["split_s"].get(k) for k in ("forward", "backward", "grad_sync", "optimizer")]
@@ -523,8 +585,13 @@ def format_table(rows: list[dict]) -> str:
             f"{r['peak_memory_gb']:.2f}",
             f"{r['ours_over_this']:.2f}x" if "ours_over_this" in r else "",
         ]
-        lines.append(f"{r['variant']:<15} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
+        lines.append(f"{r['variant']:<22} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
     lines += [f"  {r['variant']}: {r['impl']}" for r in rows]
+    base = next((r for r in rows if r["variant"] == "ours-off"), None)
+    for r in rows:
+        gap = loss_gap(r, base) if base is not None and r is not base else None
+        if gap is not None:
+            lines.append(f"  {r['variant']}: max |loss - ours-off loss| over {len(r['losses'])} steps = {gap:.2e}")
     if rows[0]["mfu"] is None:
         lines.append("MFU n/a: no peak FLOP/s known for this device (pass --train.peak_tflops)")
     return "\n".join(lines)

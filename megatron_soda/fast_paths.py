@@ -1,0 +1,157 @@
+"""Which implementation each speed switch gets in this run, and megatron-core's hooks for them.
+
+Every switch in the config is `auto` by default: the fast path on a GPU, the torch reference on the
+CPU backend (where Triton only runs interpreted and CUDA graphs do not exist). `resolve` turns the
+user's settings into a `FastPaths` for this device once; it is logged and saved beside the config
+(`fast_paths.yaml` in the run directory), and the user's settings keep saying `auto`, so a
+checkpoint trained on a GPU fine-tunes on a CPU without carrying GPU choices along.
+
+megatron-core looks for its fused helpers in apex and Transformer Engine (neither installable on
+many clusters nor on our GPU machine) and falls back to slow Python loops or refuses the feature.
+`install` puts torch / Triton implementations with the same names and arguments where megatron-core
+looks them up, filling only the hooks it could not import:
+- `fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32/fp16` (gradient-accumulation fusion):
+  kernels/grad_accum.py, torch's GEMM with an fp32 output accumulating into `main_grad`;
+- `amp_C.multi_tensor_l2norm / multi_tensor_scale` (grad norm, clipping, fp32 -> bf16 weight copy):
+  kernels/multi_tensor.py, torch foreach ops without a host sync per parameter;
+- Transformer Engine's `fused_apply_rotary_pos_emb` (`apply_rope_fusion`): kernels/rope.py.
+These are process-wide names inside megatron-core, but each only acts where a model's config asks
+for it (gradient_accumulation_fusion, apply_rope_fusion), except the multi-tensor ops, which
+compute the same numbers as megatron's fallback and are installed only with the fused optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron_soda.config import IMPL_CHOICES, ConfigError, SodaConfig, check_impls, impl_setting
+
+# The switches `soda bench train --variants` ablates (the embedding/output kernels have their own variant).
+LEVERS = ("cuda_graph", "wgrad", "norm", "rope", "adam")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    embedding: str = "torch"
+    output: str = "torch"
+    norm: str = "torch"
+    rope: str = "torch"
+    wgrad: str = "torch"
+    adam: str = "foreach"
+    cuda_graph: str = "none"
+
+    @property
+    def fused_output(self) -> bool:
+        return self.output == "fused"
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(self).items())
+
+
+# Where `auto` does not take the fast path on a GPU, and the measurement that decided it
+# (docs/PERFORMANCE.md, H100, 2026-11-25):
+# - norm: torch's RMSNorm was faster than kernels/rmsnorm.py for hidden 576 and 2560 and the 64-dim
+#   QK-norm (0.40-0.83x), slower only for the 128-dim QK-norm (1.79x): auto stays with torch.
+# - cuda_graph: measured on at 135M (part of 26.9% -> 42.0% MFU); at 1.7B (micro-batch 2) the graph's
+#   memory pool ran out of memory, so auto turns graphs on only for models up to hidden 1024, where
+#   the step is host-bound; larger models are GPU-bound and gain little from them.
+GRAPH_AUTO_MAX_HIDDEN = 1024
+
+
+def auto_fast(name: str, cfg: SodaConfig) -> bool:
+    """Whether `auto` picks the fast implementation of switch `name` on a GPU for this model."""
+    if name == "norm":
+        return False
+    if name == "cuda_graph":
+        return cfg.model.hidden_size <= GRAPH_AUTO_MAX_HIDDEN and cfg.parallel.pp == 1
+    return True
+
+
+def resolve_fast_paths(cfg: SodaConfig, cuda: bool) -> FastPaths:
+    """auto -> the fast path on GPU (where `auto_fast` says so), the torch path on CPU; explicit
+    settings are kept, except those this device or layout cannot run, which are refused with the reason."""
+    check_impls(cfg)
+    chosen = {}
+    for name, (_, _, options) in IMPL_CHOICES.items():
+        value = impl_setting(cfg, name)
+        chosen[name] = (options[0] if cuda and auto_fast(name, cfg) else options[1]) if value == "auto" else value
+    if chosen["cuda_graph"] != "none":
+        where = "parallel.cuda_graph full_iteration"
+        if not cuda:
+            raise ConfigError(f"{where} needs a GPU (CUDA graphs do not exist on the CPU backend)")
+        if cfg.parallel.pp > 1:
+            raise ConfigError(f"{where} is supported with parallel.pp 1 only (untested with pipelining)")
+        if cfg.train.debug_nan_steps:
+            raise ConfigError(f"{where}: train.debug_nan_steps changes the step function, which a graph cannot")
+    return FastPaths(**chosen)
+
+
+def save_fast_paths(fp: FastPaths, path) -> None:
+    """Beside config.yaml: what `auto` meant for this run (the user's settings stay as written)."""
+    from pathlib import Path
+
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(fp), sort_keys=False))
+
+
+def install(fp: FastPaths) -> list[str]:
+    """Fill the megatron-core hooks this run uses that apex / TE did not provide; returns their names."""
+    done = []
+    if fp.wgrad == "main_grad":
+        from megatron.core.tensor_parallel import layers
+
+        if not layers._grad_accum_fusion_available:
+            import kernels.grad_accum
+
+            layers.fused_weight_gradient_mlp_cuda = kernels.grad_accum
+            layers._grad_accum_fusion_available = True
+            done.append("fused_weight_gradient_mlp_cuda")
+    if fp.rope == "triton":
+        from megatron.core.models.common.embeddings import rope_utils
+
+        if rope_utils.fused_apply_rotary_pos_emb is None:
+            from kernels.rope import fused_apply_rotary_pos_emb
+
+            rope_utils.fused_apply_rotary_pos_emb = fused_apply_rotary_pos_emb
+            done.append("fused_apply_rotary_pos_emb")
+    if fp.adam == "fused":
+        from megatron.core import utils as mutils
+        from megatron.core.optimizer import clip_grads
+        from megatron.core.optimizer import optimizer as mopt
+
+        from kernels import multi_tensor
+
+        if clip_grads.l2_norm_impl is mutils.local_multi_tensor_l2_norm:
+            clip_grads.l2_norm_impl = multi_tensor.multi_tensor_l2norm
+            done.append("multi_tensor_l2norm")
+        for mod in (clip_grads, mopt):
+            if mod.multi_tensor_scale_impl is mutils.local_multi_tensor_scale:
+                mod.multi_tensor_scale_impl = multi_tensor.multi_tensor_scale
+                done.append(f"{mod.__name__.rsplit('.', 1)[-1]}.multi_tensor_scale")
+    return done
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch megatron's torch AdamW fallback (foreach: ~10 kernels per parameter group chunk) to
+    torch's fused AdamW (one kernel over all tensors). `fused` is a per-group hyperparameter that
+    torch's AdamW reads at every step, so the optimizer and its state stay megatron's; returns the
+    number of torch optimizers switched."""
+    import torch
+
+    inner = []
+    stack = [optimizer]
+    while stack:
+        o = stack.pop()
+        if hasattr(o, "chained_optimizers"):
+            stack.extend(o.chained_optimizers)
+        elif isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer):
+            inner.append(o.optimizer)
+    for opt in inner:
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ConfigError(f"optim.adam_impl fused: megatron built a {type(opt).__name__}, not torch's Adam/AdamW")
+        opt.defaults.update(fused=True, foreach=False)
+        for group in opt.param_groups:
+            group.update(fused=True, foreach=False)
+    return len(inner)
