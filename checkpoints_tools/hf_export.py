@@ -13,14 +13,15 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from checkpoints_tools.qwen3_mapping import hf_config, to_hf
-from megatron_soda import checkpoint as ckpt
-from megatron_soda.config import config_from_dict
-from megatron_soda.model import param_counts
+from megatron_soda.checkpoints_tools.qwen3_mapping import hf_config, to_hf
+from megatron_soda.config import UserError, config_from_dict
+from megatron_soda.model.flops import param_counts
+from megatron_soda.training import checkpoint as ckpt
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -143,13 +144,13 @@ def export_hf(
 ) -> dict:
     from transformers import GenerationConfig
 
-    from checkpoints_tools.session import build_full_model, single_process
-    from tokenization.text_tokenizer import layout_of, load_tokenizer
+    from megatron_soda.checkpoints_tools.session import build_full_model, single_process
+    from megatron_soda.tokenization.text_tokenizer import layout_of, load_tokenizer
 
     src = ckpt.resolve(checkpoint)
     common = ckpt.common_state(src)
     if "config" not in common:
-        raise RuntimeError(f"{src}: no training config inside (not written by megatron-soda)")
+        raise UserError(f"{src}: no training config inside (not written by megatron-soda)")
     cfg = config_from_dict(common["config"])
     m = cfg.model
     out_dir = Path(out)
@@ -198,3 +199,87 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def export_in_subprocess(checkpoint: str, out: str, tokenizer: str | None = None) -> dict:
+    """`export_hf` in a child process, for callers that go on to run transformers (soda generate,
+    soda eval): megatron's one-process session may switch on the CPU backend, which patches
+    torch.cuda for the whole process. The child's report, or its error, comes back as JSON."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        result = Path(d) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "megatron_soda.checkpoints_tools.hf_export",
+            checkpoint,
+            out,
+            "--result",
+            str(result),
+        ]
+        code = subprocess.call(cmd + (["--tokenizer", tokenizer] if tokenizer else []), stdout=subprocess.DEVNULL)
+        data = (
+            json.loads(result.read_text()) if result.is_file() else {"error": f"the export process exited with {code}"}
+        )
+    if "error" in data:
+        raise UserError(f"{checkpoint}: not an HF folder, and exporting it as a checkpoint failed: {data['error']}")
+    return data
+
+
+def _main() -> int:
+    import argparse
+    import traceback
+
+    ap = argparse.ArgumentParser(description="export_hf in its own process (export_in_subprocess)")
+    ap.add_argument("checkpoint")
+    ap.add_argument("out")
+    ap.add_argument("--tokenizer")
+    ap.add_argument("--result", required=True, help="the report or {'error': ...} goes here as JSON")
+    a = ap.parse_args()
+    try:
+        data = export_hf(a.checkpoint, a.out, a.tokenizer)
+    except Exception as e:  # noqa: BLE001  (whatever it is, the caller gets it as data)
+        if not isinstance(e, (UserError, ValueError, FileNotFoundError, FileExistsError)):
+            traceback.print_exc()
+        data = {"error": str(e)}
+    Path(a.result).write_text(json.dumps(data))
+    return 0 if "error" not in data else 1
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = field(metadata={"positional": True, "help": "run dir, its checkpoints/ or one iter_* directory"})
+    out: str = field(metadata={"positional": True})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "SODA tokenizer to include (default: the training shards' copy)"}
+    )
+    dtype: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
+    verify: bool = field(default=False, metadata={"help": "compare logits and greedy output with transformers"})
+    max_shard_gb: float = 5.0
+    force: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+
+
+def export_job(cfg: ExportConfig) -> dict:
+    """`soda export-hf`: a megatron checkpoint (any layout) -> a Hugging Face Qwen3 folder."""
+    report = export_hf(cfg.checkpoint, cfg.out, cfg.tokenizer, cfg.dtype, cfg.verify, cfg.max_shard_gb, cfg.force)
+    print(
+        f"exported {report['checkpoint']} (step {report['step']}) -> {cfg.out}"
+        + ("" if report["tokenizer"] else " (no tokenizer found: pass --tokenizer)")
+    )
+    if "verify" in report:
+        v = report["verify"]
+        print(
+            f"verify: max |logit diff| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:g}, logits up to "
+            f"{v['logit_scale']:.2f}), greedy 20 tokens identical: {v['greedy_identical']}"
+        )
+        Path(cfg.out, "export_verify.json").write_text(json.dumps(v, indent=1))
+        if not v["ok"]:
+            raise UserError("export verification failed: the Hugging Face model does not reproduce ours")
+    return report
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

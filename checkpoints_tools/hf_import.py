@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from checkpoints_tools.qwen3_mapping import from_hf, model_config_from_hf
+from megatron_soda.checkpoints_tools.qwen3_mapping import from_hf, model_config_from_hf
 from megatron_soda.config import SodaConfig, save_config
 
 
@@ -51,9 +52,9 @@ def _tensor_source(folder: Path):
 def import_hf(hf_dir: str, out_run: str, tokenizer: str | None = None, seed: int = 0, force: bool = False) -> dict:
     from transformers import AutoConfig
 
-    from checkpoints_tools.session import build_full_model, single_process
-    from megatron_soda.checkpoint import Checkpointer
-    from tokenization.text_tokenizer import load_soda_tokenizer
+    from megatron_soda.checkpoints_tools.session import build_full_model, single_process
+    from megatron_soda.tokenization.text_tokenizer import load_soda_tokenizer
+    from megatron_soda.training.checkpoint import Checkpointer
 
     src = Path(hf_dir)
     if not (src / "config.json").is_file():
@@ -102,3 +103,27 @@ def import_hf(hf_dir: str, out_run: str, tokenizer: str | None = None, seed: int
         shutil.rmtree(out)
     os.replace(tmp, out)
     return {"checkpoint": str(out / "checkpoints"), "vocab": m.vocab_size, "resized_from": hf_vocab}
+
+
+@dataclass
+class ImportConfig:
+    hf_dir: str = field(metadata={"positional": True})
+    out: str = field(
+        metadata={"positional": True, "help": "a run directory; its checkpoints/ is what --checkpoint.init_from takes"}
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "resize the vocabulary to this SODA tokenizer's layout"}
+    )
+    seed: int = field(default=0, metadata={"help": "for the new vocabulary rows"})
+    force: bool = False
+
+
+def import_job(cfg: ImportConfig) -> dict:
+    """`soda import-hf`: a Hugging Face Qwen3 folder -> a megatron checkpoint to start from (init_from)."""
+    r = import_hf(cfg.hf_dir, cfg.out, cfg.tokenizer, cfg.seed, cfg.force)
+    resized = f" (vocabulary {r['resized_from']} -> {r['vocab']})" if r["vocab"] != r["resized_from"] else ""
+    print(
+        f"imported {cfg.hf_dir} -> {r['checkpoint']}{resized}; "
+        f"train from it with --checkpoint.init_from {r['checkpoint']}"
+    )
+    return r

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from megatron_soda import checkpoint as ckpt
 from megatron_soda.config import config_from_dict
-from megatron_soda.model import param_counts
+from megatron_soda.model.flops import param_counts
+from megatron_soda.training import checkpoint as ckpt
 
 
 def inspect_checkpoint(path: str, show_tensors: int = 40) -> dict:

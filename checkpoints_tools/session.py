@@ -20,7 +20,7 @@ def single_process(seed: int = 1234) -> Iterator[None]:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megatron_soda.train import init_distributed
+    from megatron_soda.parallel.setup import init_distributed
 
     init_distributed("cpu")  # offline tools run on CPU: a checkpoint of any size converts on a CPU node
     ps.initialize_model_parallel(1, 1)
@@ -37,7 +37,7 @@ def build_full_model(m: ModelConfig):
     """The whole model in one process, with the reference (torch) implementation of every seam
     (build_model's default): the tools need plain logits, and the parameters are the same whichever
     path trained them."""
-    from megatron_soda.model import build_model
+    from megatron_soda.model.gpt import build_model
 
     (model,), _ = build_model(m, ParallelConfig(), torch.float32, cuda=False)
     return model.eval()

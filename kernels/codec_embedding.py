@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels  # noqa: F401  (interpreter switch on CPU)
-from kernels.grad_accum import accumulates_into_main_grad, finish_main_grad
+import megatron_soda.kernels  # noqa: F401  (interpreter switch on CPU)
+from megatron_soda.kernels.grad_accum import accumulates_into_main_grad, finish_main_grad
 
 BLOCK_T = 64
 

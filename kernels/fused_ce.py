@@ -19,8 +19,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-import kernels  # noqa: F401  (interpreter switch on CPU)
-from kernels.grad_accum import accumulates_into_main_grad, add_wgrad_, finish_main_grad
+import megatron_soda.kernels  # noqa: F401  (interpreter switch on CPU)
+from megatron_soda.kernels.grad_accum import accumulates_into_main_grad, add_wgrad_, finish_main_grad
 
 BLOCK_V = 4096  # columns per tile
 NUM_WARPS = 8

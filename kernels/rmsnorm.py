@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels  # noqa: F401  (interpreter switch on CPU)
+import megatron_soda.kernels  # noqa: F401  (interpreter switch on CPU)
 
 MAX_BLOCK_ELEMENTS = 4096  # rows x columns held by one program on a GPU
 INTERPRETER_BLOCK_ELEMENTS = 1 << 16  # Triton's interpreter pays per program: few, large ones

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels  # noqa: F401  (interpreter switch on CPU)
+import megatron_soda.kernels  # noqa: F401  (interpreter switch on CPU)
 
 BLOCK_R = 16  # rows per program on a GPU
 INTERPRETER_BLOCK_R = 1024  # Triton's interpreter pays per program: few, large ones

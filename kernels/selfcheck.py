@@ -1,7 +1,7 @@
 """Parity of the fused kernels at TP = world size, against the unsharded torch reference.
 
 Run it under torchrun (CPU: gloo, Triton's interpreter; GPU: NCCL, compiled kernels):
-    torchrun --nproc-per-node 2 -m kernels.selfcheck [--seed N] [--bf16]
+    torchrun --nproc-per-node 2 -m megatron_soda.kernels.selfcheck [--seed N] [--bf16]
 Ids include shard boundaries and padding rows; every rank checks its own shard and the reduced
 result. Prints one JSON line per rank; exits non-zero when a tolerance is exceeded.
 """
@@ -18,12 +18,12 @@ import torch
 import torch.distributed as dist
 
 import megatron_soda  # noqa: F401  (Triton interpreter switch before Triton is imported)
-from kernels.codec_embedding import fused_embedding
-from kernels.fused_ce import fused_linear_cross_entropy
-from kernels.grad_accum import add_wgrad_, wgrad_path
-from kernels.multi_tensor import multi_tensor_l2norm, multi_tensor_scale
-from kernels.rmsnorm import rms_norm
-from kernels.rope import fused_apply_rotary_pos_emb
+from megatron_soda.kernels.codec_embedding import fused_embedding
+from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
+from megatron_soda.kernels.grad_accum import add_wgrad_, wgrad_path
+from megatron_soda.kernels.multi_tensor import multi_tensor_l2norm, multi_tensor_scale
+from megatron_soda.kernels.rmsnorm import rms_norm
+from megatron_soda.kernels.rope import fused_apply_rotary_pos_emb
 
 TOL_FP32 = {"embedding": 0.0, "nll": 2e-5, "grad": 2e-5}
 TOL_BF16 = {"embedding": 0.0, "nll": 5e-2, "grad": 5e-2}

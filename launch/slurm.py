@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_soda.config import ConfigError, load_config, validate
+from megatron_soda.config import ConfigError, UserError, load_config, validate
 
 # Network knobs a user may need to set for their fabric; rendered commented-out with their meaning.
 NCCL_KNOBS = [
@@ -30,29 +30,34 @@ NCCL_KNOBS = [
 ]
 
 
-class LaunchError(ValueError):
-    pass
+class LaunchError(UserError, ValueError):
+    """A job that cannot be launched as asked (layout, arguments, sbatch refused it)."""
 
 
 @dataclass
 class SlurmJob:
-    config: str
-    overrides: list[str] = field(default_factory=list)
+    config: str = field(metadata={"help": "the training preset (YAML); --section.key value flags override it"})
+    run_dir: str = field(metadata={"help": "checkpoints and logs; a requeued job resumes from here"})
+    overrides: list[str] = field(default_factory=list, metadata={"cli": False})  # the extra flags
     nodes: int = 1
-    gpus_per_node: int = 8  # 0: CPU nodes (the CPU backend, one rank per --tasks-per-node)
-    tasks_per_node: int = 0  # ranks per node when gpus_per_node = 0
+    gpus_per_node: int = field(default=8, metadata={"help": "0 for CPU nodes (CPU backend)"})
+    tasks_per_node: int = field(default=0, metadata={"help": "ranks per CPU node (with --gpus-per-node 0)"})
     time: str = "24:00:00"
     partition: str = ""
     account: str = ""
     job_name: str = "soda"
-    run_dir: str = "runs/soda"
-    log_dir: str = ""
-    venv: str = ".venv"
-    container: str = ""  # pyxis/enroot image, e.g. nvcr.io#nvidia/pytorch:25.10-py3 or a .sqsh
-    signal_grace_s: int = 120
+    log_dir: str = field(default="", metadata={"help": "SLURM output files (default: RUN_DIR/slurm)"})
+    venv: str = field(default=".venv", metadata={"help": "python environment on the nodes ('' for the PATH's python)"})
+    container: str = field(default="", metadata={"help": "pyxis/enroot image instead of the venv"})
+    signal_grace_s: int = field(
+        default=120, metadata={"flag": "--signal-grace", "help": "seconds of warning before the time limit"}
+    )
     port: int = 29500
-    shutdown_timeout_s: int = 900  # how long torchrun lets ranks save after the signal
-    workdir: str = ""
+    shutdown_timeout_s: int = field(
+        default=900, metadata={"help": "how long torchrun lets ranks save after the signal"}
+    )
+    workdir: str = field(default="", metadata={"help": "directory the job runs in (default: this one)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the script instead of submitting it"})
 
     @property
     def ranks_per_node(self) -> int:
@@ -148,7 +153,7 @@ trap on_usr1 USR1
 {runner} --kill-on-bad-exit=1 {python} -m torch.distributed.run \\
   --nnodes={job.nodes} --nproc-per-node={job.ranks_per_node} \\
   --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:{job.port}" --rdzv-id="$SLURM_JOB_ID" \\
-  -m megatron_soda.train {train_args} &
+  -m megatron_soda.training {train_args} &
 SRUN_PID=$!
 while true; do
   wait "$SRUN_PID"
@@ -166,7 +171,7 @@ exit "$RC"
 
 @dataclass
 class PrepareArray:
-    prepare_args: list[str]
+    prepare_args: list[str] = field(default_factory=list, metadata={"cli": False})  # `soda prepare` flags
     tasks: int = 8
     time: str = "12:00:00"
     partition: str = ""
@@ -176,7 +181,8 @@ class PrepareArray:
     job_name: str = "soda-prepare"
     log_dir: str = "logs"
     venv: str = ".venv"
-    workdir: str = ""
+    workdir: str = field(default="", metadata={"help": "directory the job runs in (default: this one)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the script instead of submitting it"})
 
 
 def render_prepare(arr: PrepareArray) -> str:
@@ -224,3 +230,24 @@ def submit(script: str, path: Path) -> str:
     if r.returncode != 0:
         raise LaunchError(f"sbatch {path} failed: {r.stderr.strip() or r.stdout.strip()}")
     return r.stdout.strip().split(";")[0]
+
+
+def slurm_job(job: SlurmJob, overrides: list[str]) -> None:
+    """`soda launch slurm`: sbatch a training run (srun + torchrun; USR1 -> checkpoint -> requeue)."""
+    job.overrides = list(overrides)
+    script, path = render_train(job), Path(job.run_dir) / "slurm" / "train.sbatch"
+    _submit_or_print(script, path, job.dry_run)
+
+
+def prepare_array_job(arr: PrepareArray, prepare_args: list[str]) -> None:
+    """`soda launch prepare`: sbatch a job array of `soda prepare` over disjoint slices."""
+    arr.prepare_args = list(prepare_args)
+    script, path = render_prepare(arr), Path(arr.log_dir) / "prepare.sbatch"
+    _submit_or_print(script, path, arr.dry_run)
+
+
+def _submit_or_print(script: str, path: Path, dry_run: bool) -> None:
+    if dry_run:
+        print(script)
+        return
+    print(f"submitted {path} as job {submit(script, path)}")

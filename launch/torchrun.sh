@@ -7,4 +7,4 @@ NPROC=${1:?usage: launch/torchrun.sh NPROC --config CONFIG [overrides...]}
 shift
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m megatron_soda.train "$@"
+exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m megatron_soda.training "$@"

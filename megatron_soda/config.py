@@ -15,11 +15,26 @@ from pathlib import Path
 
 import yaml
 
-from megatron_soda.data import DataConfig
+
+class UserError(Exception):
+    """An error the user can act on (a setting, a path, the data, a run that diverged): reported as
+    one line naming what and where, without a traceback. Anything else is a bug and keeps its
+    traceback, on every rank."""
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run: one line naming the key and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # shard-set directories (outputs of `soda prepare`)
+    val_paths: list[str] = field(default_factory=list)  # held-out shard sets for validation loss
+    weights: list[float] | None = None  # sampling weights per path; default: proportional to size
+    seed: int = 1234
+    num_workers: int = 2
+    skip_corrupt: bool = False
+    blend_block: int = 4096  # mixture proportions are exact within every block of this many samples
 
 
 @dataclass
@@ -126,7 +141,7 @@ class SodaConfig:
 
 
 # Speed switches: name -> (section, key, implementations with the fast one first); each also takes
-# `auto` (megatron_soda.fast_paths resolves it per device).
+# `auto` (megatron_soda/model/fast_paths.py resolves it per device).
 IMPL_CHOICES = {
     "embedding": ("model", "embedding_impl", ("triton", "torch")),
     "output": ("model", "output_impl", ("fused", "torch")),

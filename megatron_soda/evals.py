@@ -10,7 +10,7 @@ Each task reads a JSONL file (paths relative to it), one item per line:
   s2st           CVSS-style:                           {"source_audio": "a.wav", "target_text": "reference"}
 
 where X is {"audio": "file.wav"} or {"text": "..."} (a bare string is text). Scoring follows the
-paper's harness (shared spec section 8): an audio candidate is `<|audio_start|>...<|audio_end|>`
+paper's evaluation harness: an audio candidate is `<|audio_start|>...<|audio_end|>`
 after BOS, scored by the mean log-prob of its audio tokens (delimiters excluded); a text candidate
 by its summed log-prob (and, for multiple choice, also per byte: lm-eval-harness's acc_norm, the
 "HellaSwag-norm" of the paper's peers). Accuracy = how often the right candidate scores highest.
@@ -27,15 +27,19 @@ import importlib
 import json
 import re
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_soda.config import UserError
+from megatron_soda.tokenization.codec import MIMI_HF_NAME
+
 TASKS = ("minimal_pairs", "salmon", "storycloze", "multiple_choice", "asr", "s2st")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     pass
 
 
@@ -250,7 +254,7 @@ def eval_s2st(sc: Scorer, items: list[dict], name: str, asr: str, max_seconds: f
         "whole_frames": all(
             g.frames * sc.L.codebooks == sum(len(s["ids"]) for s in g.segments if s["kind"] == "audio") for g in gens
         ),
-        "mean_seconds": float(np.mean([g.frames / 12.5 for g in gens])),
+        "mean_seconds": float(np.mean([g.seconds for g in gens])),
         "generated_text": texts[:5],
         "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:5]],
     }
@@ -266,7 +270,7 @@ def run(
     max_seconds: float,
 ) -> dict:
     from megatron_soda.generate import load_model
-    from tokenization.codec import MimiCodec
+    from megatron_soda.tokenization.codec import MimiCodec
 
     for kind, _ in tasks:
         if kind not in TASKS:
@@ -291,6 +295,43 @@ def run(
         else:
             r = eval_s2st(sc, items, name, asr, max_seconds)
         report["tasks"][name] = r
+    return report
+
+
+@dataclass
+class EvalConfig:
+    model: str = field(metadata={"positional": True, "help": "an exported HF folder, or a run directory / checkpoint"})
+    task: list[str] = field(
+        metadata={
+            "action": "append",
+            "metavar": "KIND:FILE.jsonl",
+            "help": "minimal_pairs | salmon | storycloze | multiple_choice | asr | s2st, with its JSONL (repeatable)",
+        }
+    )
+    out: str = field(default="eval", metadata={"help": "writes OUT/report.json and OUT/report.md"})
+    codec: str = MIMI_HF_NAME
+    tokenizer: str | None = None
+    device: str = "cpu"
+    asr: str = field(default="self", metadata={"help": "S2ST transcriber: self | hf:<model> | module:function"})
+    max_seconds: float = 10.0
+
+
+def eval_job(cfg: EvalConfig) -> dict:
+    """`soda eval`: likelihood benchmarks, ASR (WER), S2ST (ASR-BLEU) -> OUT/report.json + report.md."""
+    tasks = []
+    for t in cfg.task:
+        kind, sep, path = t.partition(":")
+        if not sep or not path:
+            raise EvalDataError(f"--task {t!r}: expected KIND:FILE.jsonl")
+        tasks.append((kind, path))
+    report = run(cfg.model, tasks, cfg.codec, cfg.device, cfg.tokenizer, cfg.asr, cfg.max_seconds)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    md = markdown(report)
+    (out / "report.md").write_text(md)
+    print(md)
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}")
     return report
 
 

@@ -7,7 +7,7 @@ position k of a frame may only hold codebook k's ids, a segment ends (`<|audio_e
 frame boundary and is forced to end at `max_seconds`; outside audio, no audio ids. So whatever is
 sampled decodes: audio segments to WAV through Mimi, text to text.
 
-Prompts follow the paper's evaluation templates (shared spec section 8):
+Prompts follow the SODA paper's evaluation templates:
   asr       <|audio_start|>{audio}<|audio_end|><|text_start|>        -> text until <|text_end|>
   tts       <|text_start|>{text}<|text_end|><|audio_start|>           -> audio until <|audio_end|>
   s2st      <|audio_start|>{source}<|audio_end|>                      -> [texts] target audio, EOS
@@ -17,14 +17,15 @@ Prompts follow the paper's evaluation templates (shared spec section 8):
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from megatron_soda.config import UserError
+from megatron_soda.tokenization.codec import MIMI_FRAME_RATE, MIMI_HF_NAME
 
 TASKS = ("continue", "asr", "tts", "s2st")
 
@@ -45,6 +46,7 @@ class Generated:
     text: str = ""
     audio: np.ndarray | None = None  # float32 at the codec's rate
     frames: int = 0
+    seconds: float = 0.0  # of generated audio, at the codec's frame rate
     segments: list[dict] = field(default_factory=list)
 
 
@@ -52,30 +54,25 @@ def load_model(source: str, device: str = "cpu", tokenizer: str | None = None):
     """(HF model, tokenizer, layout) from an exported HF folder or a megatron-soda checkpoint."""
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-    from tokenization.text_tokenizer import layout_of
+    from megatron_soda.tokenization.text_tokenizer import layout_of
 
     folder = Path(source)
     tmp = None
     if not (folder / "config.json").is_file():
+        from megatron_soda.checkpoints_tools.hf_export import export_in_subprocess
+
         tmp = tempfile.TemporaryDirectory(prefix="soda-hf-")
         folder = Path(tmp.name) / "model"
-        cmd = [sys.executable, "-m", "megatron_soda.cli", "export-hf", source, str(folder)]
-        if tokenizer:
-            cmd += ["--tokenizer", tokenizer]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(
-                f"{source}: not an HF folder, and exporting it as a checkpoint failed: {p.stderr.strip()}"
-            )
+        export_in_subprocess(source, str(folder), tokenizer)
     model = Qwen3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
     tok_src = tokenizer or str(folder)
     try:
         tok = AutoTokenizer.from_pretrained(tok_src)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"no tokenizer at {tok_src} (pass --tokenizer): {e}") from None
+        raise UserError(f"no tokenizer at {tok_src} (pass --tokenizer): {e}") from None
     layout = layout_of(tok)
     if layout.vocab_size != model.config.vocab_size:
-        raise RuntimeError(f"tokenizer has {layout.vocab_size} ids, the model {model.config.vocab_size}")
+        raise UserError(f"tokenizer has {layout.vocab_size} ids, the model {model.config.vocab_size}")
     if tmp is not None:
         model._soda_tmp = tmp  # keep the exported files until the model goes away
     return model, tok, layout
@@ -126,7 +123,7 @@ class LayoutConstraint:
 
 
 def audio_prompt_ids(paths: list[str], codec, layout) -> list[np.ndarray]:
-    from tokenization.audio_io import AudioSkip, load_audio
+    from megatron_soda.tokenization.audio_io import AudioSkip, load_audio
 
     clips = []
     for p in paths:
@@ -209,7 +206,8 @@ def generate(model, tok, layout, prompts: list[list[int]], task: str, s: Samplin
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
-    max_frames = max(1, int(round(s.max_seconds * 12.5)))
+    frame_rate = codec.frame_rate if codec is not None else MIMI_FRAME_RATE
+    max_frames = max(1, int(round(s.max_seconds * frame_rate)))
     max_new = max_frames * layout.codebooks + 2 * s.max_text_tokens + 8
     if task == "asr":
         max_new = s.max_text_tokens + 1
@@ -239,17 +237,45 @@ def generate(model, tok, layout, prompts: list[list[int]], task: str, s: Samplin
         if audio:
             codes = layout.ids_to_codes(np.asarray(audio))
             g.frames = len(codes)
+            g.seconds = g.frames / frame_rate
             if codec is not None and len(codes):
                 g.audio = codec.decode(codes[:, : codec.num_codebooks])
         results.append(g)
     return results
 
 
-def main_cli(a) -> None:
-    """`soda generate` (arguments parsed by the CLI)."""
+@dataclass
+class GenerateConfig:
+    model: str = field(
+        metadata={
+            "positional": True,
+            "help": "an exported HF folder, or a run directory / checkpoint (exported on the fly)",
+        }
+    )
+    task: str = field(default="continue", metadata={"choices": list(TASKS)})
+    audio: list[str] = field(
+        default_factory=list, metadata={"nargs": "*", "help": "prompt audio files (one per prompt; batched)"}
+    )
+    text: list[str] = field(default_factory=list, metadata={"nargs": "*", "help": "prompt texts (one per prompt)"})
+    out: str = "generations"
+    codec: str = field(
+        default=MIMI_HF_NAME, metadata={"help": "Mimi name/path or random:<seed> (must match the training data)"}
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "default: the model folder's / checkpoint's"})
+    device: str = "cpu"
+    temperature: float = field(default=0.9, metadata={"help": "0: greedy"})
+    top_k: int = 0
+    top_p: float = 0.8
+    max_seconds: float = field(default=10.0, metadata={"help": "longest audio segment generated"})
+    max_text_tokens: int = 200
+    seed: int = 0
+
+
+def generate_job(a: GenerateConfig) -> None:
+    """`soda generate`: continue audio/text prompts (asr, tts, s2st, continue) -> WAV files + text."""
     import soundfile as sf
 
-    from tokenization.codec import MimiCodec
+    from megatron_soda.tokenization.codec import MimiCodec
 
     model, tok, layout = load_model(a.model, a.device, a.tokenizer)
     codec = MimiCodec.load(a.codec, a.device)

@@ -44,7 +44,7 @@ run() {  # run <what> <seconds> <command...>: bounded in time, a failure reporte
 }
 selfchecks() {
   for dt in fp32 bf16; do
-    run "selfcheck $dt" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck \
+    run "selfcheck $dt" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m megatron_soda.kernels.selfcheck \
       $([ $dt = bf16 ] && echo --bf16) | tee $R/selfcheck_$dt.jsonl"
   done
 }
@@ -61,11 +61,11 @@ python3 -c "import torch, triton, transformers, megatron.core as m; print('torch
 for part in $PARTS; do
   case $part in
   smoke)
-    run "selfcheck bf16" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck --bf16 | tee $R/selfcheck_bf16.jsonl"
+    run "selfcheck bf16" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m megatron_soda.kernels.selfcheck --bf16 | tee $R/selfcheck_bf16.jsonl"
     bench 135m 8 2 3 3 ours-off,ours 240 --train.steps 6 --baseline-micro-batch 2
     run "bench kernels (one shape)" 120 $SODA bench kernels --hidden 2560 --tokens 8192 --reps 3 --json $R/kernels_smoke.json ;;
   perf)  # ~8.5 min on an H100, measured part by part on 2026-11-25 (each variant is its own process, ~30 s)
-    run "selfcheck bf16" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m kernels.selfcheck --bf16 | tee $R/selfcheck_bf16.jsonl"
+    run "selfcheck bf16" 120 bash -c "python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m megatron_soda.kernels.selfcheck --bf16 | tee $R/selfcheck_bf16.jsonl"
     # 30-step bf16 loss comparison, all levers on vs all off (the LR schedule spans those 30 steps)
     bench 135m 8 2 27 3 ours-off,ours 150 --train.steps 30
     bench 135m 8 2 3 2 hf 90 --baseline-micro-batch 2

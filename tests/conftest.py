@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenization.codec import MimiCodec, random_mimi
-from tokenization.prepare import PrepareConfig, prepare
-from tokenization.shards import index_entry, write_index, write_shard
-from tokenization.text_tokenizer import extend_tokenizer, save_tokenizer, train_tiny_bpe
-from tokenization.tiny_corpus import make_corpus
-from tokenization.vocab import SodaLayout
+from megatron_soda.tokenization.codec import MimiCodec, random_mimi
+from megatron_soda.tokenization.prepare import PrepareConfig, prepare
+from megatron_soda.tokenization.shard_format import index_entry, write_index
+from megatron_soda.tokenization.shards import write_shard
+from megatron_soda.tokenization.text_tokenizer import extend_tokenizer, save_tokenizer, train_tiny_bpe
+from megatron_soda.tokenization.tiny_corpus import make_corpus
+from megatron_soda.tokenization.vocab import SodaLayout
 
 
 @pytest.fixture(scope="session")

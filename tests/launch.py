@@ -91,7 +91,7 @@ def run_until_signal(run_dir: Path, shards: Path, after_steps: int, *overrides: 
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    from megatron_soda.plots import read_metrics
+    from megatron_soda.training.metrics import read_metrics
 
     return read_metrics(run_dir)
 

@@ -36,3 +36,40 @@ def test_tokenizer_command(tmp_path, corpus, capsys):
     )
     assert "total" in capsys.readouterr().out
     assert main(["tokenizer", "--out", str(tmp_path / "x")]) == 2  # neither --base nor --train-tiny
+
+
+def test_every_subcommand_takes_its_defaults_from_its_config_dataclass():
+    """The CLI declares no default of its own: parsing a subcommand with only its required
+    arguments gives the config dataclass's defaults, for every subcommand."""
+    import argparse
+    import dataclasses
+    import importlib
+
+    from megatron_soda import cli
+
+    def leaves(table, path=()):
+        for name, spec in table.items():
+            if isinstance(spec, dict):
+                yield from leaves(spec, (*path, name))
+            else:
+                yield (*path, name), spec
+
+    for path, (module, cls_name, fn, _, _) in leaves(cli.COMMANDS):
+        cls = getattr(importlib.import_module(module), cls_name)
+        assert callable(getattr(importlib.import_module(module), fn)), path
+        parser = argparse.ArgumentParser()
+        cli.add_config_args(parser, cls)
+        argv = []
+        for a in parser._actions:
+            if a.required or not a.option_strings and a.dest != "help":
+                argv += ([a.option_strings[0]] if a.option_strings else []) + ["1"]
+        cfg = cli.config_from_args(cls, parser.parse_args(argv))
+        for f in dataclasses.fields(cls):
+            if (
+                f.metadata.get("cli", True) is False
+                or f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ):
+                continue
+            want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert getattr(cfg, f.name) == want, (path, f.name)

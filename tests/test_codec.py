@@ -2,8 +2,8 @@ import math
 
 import numpy as np
 
-from tokenization.audio_io import load_audio
-from tokenization.codec import MimiCodec
+from megatron_soda.tokenization.audio_io import load_audio
+from megatron_soda.tokenization.codec import MimiCodec
 
 
 def test_encode_gives_8_codebooks_at_12_5_hz(corpus, codec):

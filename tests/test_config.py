@@ -1,7 +1,7 @@
 import pytest
 
-from megatron_soda import cpu_backend
 from megatron_soda.config import ConfigError, load_config, parse_overrides, save_config
+from megatron_soda.parallel import cpu_backend
 from tests.launch import ROOT
 
 
@@ -45,7 +45,7 @@ def test_cpu_backend_symbols_are_where_megatron_core_keeps_them():
 def test_speed_switches_resolve_per_device_and_refuse_what_the_device_cannot_run():
     """`auto` is the torch path on the CPU backend and the measured fast path on a GPU (CUDA graphs
     only where the step is host-bound); impossible choices are one clear error, before any work."""
-    from megatron_soda.fast_paths import resolve_fast_paths
+    from megatron_soda.model.fast_paths import resolve_fast_paths
 
     cpu = resolve_fast_paths(load_config(str(ROOT / "configs" / "tiny.yaml")), cuda=False)
     assert (cpu.embedding, cpu.output, cpu.norm, cpu.rope, cpu.wgrad, cpu.adam, cpu.cuda_graph) == (
@@ -82,7 +82,7 @@ def test_speed_switches_resolve_per_device_and_refuse_what_the_device_cannot_run
 
 
 def test_bench_variants_name_their_levers():
-    from megatron_soda.benchmarks.train import check_variant, variant_overrides
+    from megatron_soda.tools.bench.train import check_variant, variant_overrides
 
     off = variant_overrides("ours-off")
     assert off["parallel"]["cuda_graph"] == "none" and off["optim"]["adam_impl"] == "foreach"

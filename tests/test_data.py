@@ -1,16 +1,12 @@
 import numpy as np
 import pytest
 
-from megatron_soda.data import (
-    DataConfig,
-    MixtureDataset,
-    ShardReadError,
-    SodaDataLoader,
-    feistel_permute,
-    split_batch,
-)
+from megatron_soda.config import DataConfig
+from megatron_soda.data.loader import SodaDataLoader, split_batch
+from megatron_soda.data.mixture import MixtureDataset, feistel_permute
+from megatron_soda.data.shard_set import ShardReadError
+from megatron_soda.tokenization.vocab import LayoutMismatchError, SodaLayout
 from tests.conftest import synthetic_set
-from tokenization.vocab import LayoutMismatchError, SodaLayout
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])

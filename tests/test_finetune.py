@@ -9,14 +9,17 @@ import pytest
 import soundfile as sf
 import torch
 
-from megatron_soda.data import DataConfig, MixtureDataset, ShardSet, SodaDataLoader
+from megatron_soda.config import DataConfig
+from megatron_soda.data.loader import SodaDataLoader
+from megatron_soda.data.mixture import MixtureDataset
+from megatron_soda.data.shard_set import ShardSet
+from megatron_soda.tokenization.documents import Utterance, build_task_documents
+from megatron_soda.tokenization.prepare import prepare
+from megatron_soda.tokenization.tiny_corpus import make_s2st_corpus
+from megatron_soda.tokenization.vocab import SodaLayout
 from tests.conftest import prepare_config
 from tests.launch import ROOT, env, run_train
 from tests.launch import soda as _soda
-from tokenization.documents import Utterance, build_task_documents
-from tokenization.prepare import prepare
-from tokenization.tiny_corpus import make_s2st_corpus
-from tokenization.vocab import SodaLayout
 
 L = SodaLayout()
 
@@ -89,9 +92,11 @@ def test_prompt_labels_get_no_gradient(s2st_shards):
     script = f"""
 import torch, numpy as np
 from megatron_soda.config import load_config
-from megatron_soda.data import DataConfig, MixtureDataset, SodaDataLoader
-from megatron_soda.train import make_forward_step
-from checkpoints_tools.session import single_process, build_full_model
+from megatron_soda.config import DataConfig
+from megatron_soda.data.mixture import MixtureDataset
+from megatron_soda.data.loader import SodaDataLoader
+from megatron_soda.training.trainer import make_forward_step
+from megatron_soda.checkpoints_tools.session import single_process, build_full_model
 cfg = load_config("{ROOT}/configs/tiny.yaml")
 ds = MixtureDataset(DataConfig(paths=["{s2st_shards}"]), seq_len=256)
 cfg.model.vocab_size = ds.layout.vocab_size
@@ -214,7 +219,7 @@ def forced(s2st_corpus, tokenizer_dir, codec, tmp_path_factory):
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from megatron_soda.generate import audio_prompt_ids
-    from tokenization.text_tokenizer import layout_of
+    from megatron_soda.tokenization.text_tokenizer import layout_of
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     lay = layout_of(tok)

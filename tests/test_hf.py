@@ -45,7 +45,7 @@ def test_export_matches_our_model_and_loads_offline(exported, prepared):
     tok = AutoTokenizer.from_pretrained(str(exported))
     model = AutoModelForCausalLM.from_pretrained(str(exported))
     assert model.model.embed_tokens.weight.shape[0] == cfg["vocab_size"] == len(tok)  # padding rows dropped
-    from tokenization.text_tokenizer import layout_of
+    from megatron_soda.tokenization.text_tokenizer import layout_of
 
     layout = layout_of(tok)
     codes = torch.randint(0, 2048, (5, 8)).numpy()
@@ -95,7 +95,7 @@ def test_transformers_qwen3_imports_and_exports_with_the_same_logits(tie, tmp_pa
 def test_import_resized_to_the_soda_layout_trains(prepared, exported, tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from tokenization.text_tokenizer import load_soda_tokenizer
+    from megatron_soda.tokenization.text_tokenizer import load_soda_tokenizer
 
     tok_dir = prepared / "tokenizer"
     _, layout = load_soda_tokenizer(str(tok_dir))

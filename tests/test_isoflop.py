@@ -9,7 +9,8 @@ import sys
 
 import numpy as np
 
-from megatron_soda.isoflop import fit, plan, predict
+from megatron_soda.tools.isoflop.fit import fit, predict
+from megatron_soda.tools.isoflop.plan import plan
 from tests.launch import ROOT
 
 # a Chinchilla-like surface with the SODA-like asymmetry: N* ~ C^(beta/(alpha+beta)) = C^0.452

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from launch.slurm import LaunchError, PrepareArray, SlurmJob, render_prepare, render_train
+from megatron_soda.launch.slurm import LaunchError, PrepareArray, SlurmJob, render_prepare, render_train
 from tests.launch import ROOT, metrics
 from tests.slurm_cluster import Cluster, ensure_installed
 

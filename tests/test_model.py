@@ -1,9 +1,9 @@
-"""Presets against the paper's parameter counts (shared spec, section 3), and the FLOPs formula."""
+"""Presets against the paper's parameter counts (SODA paper, model table), and the FLOPs formula."""
 
 import pytest
 
 from megatron_soda.config import load_config
-from megatron_soda.model import flops_per_token, param_counts
+from megatron_soda.model.flops import flops_per_token, param_counts
 from tests.launch import ROOT
 
 # (non-embedding, one V x d embedding, label = non-emb + 1 embedding, untied total), in millions

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from megatron_soda.data import ShardSet
+from megatron_soda.data.shard_set import ShardSet
+from megatron_soda.tokenization.audio_io import load_audio
+from megatron_soda.tokenization.inputs import discover
+from megatron_soda.tokenization.prepare import _units, prepare
+from megatron_soda.tokenization.shard_format import read_index
+from megatron_soda.tokenization.text_tokenizer import load_soda_tokenizer
 from tests.conftest import prepare_config, read_json
-from tokenization.audio_io import load_audio
-from tokenization.inputs import discover
-from tokenization.prepare import _units, prepare
-from tokenization.shards import read_index
-from tokenization.text_tokenizer import load_soda_tokenizer
 
 
 def _stream(shards: ShardSet, shard: int) -> np.ndarray:

@@ -1,10 +1,11 @@
 import numpy as np
 import webdataset as wds
 
-from megatron_soda.data import ShardSet
+from megatron_soda.data.shard_set import ShardSet
+from megatron_soda.tokenization.shard_format import read_index, read_sidecar
+from megatron_soda.tokenization.shards import Packer, write_shard
+from megatron_soda.tokenization.vocab import SodaLayout
 from tests.conftest import synthetic_set
-from tokenization.shards import Packer, read_index, read_sidecar, write_shard
-from tokenization.vocab import SodaLayout
 
 LAYOUT = SodaLayout(text_vocab_size=500, bos_id=0, eos_id=1)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tokenization.text_tokenizer import (
+from megatron_soda.tokenization.text_tokenizer import (
     extend_tokenizer,
     layout_of,
     load_soda_tokenizer,
@@ -9,7 +9,7 @@ from tokenization.text_tokenizer import (
     train_tiny_bpe,
     verify_layout,
 )
-from tokenization.vocab import LayoutMismatchError
+from megatron_soda.tokenization.vocab import LayoutMismatchError
 
 
 def test_extended_tokenizer_matches_the_layout(tokenizer_dir):

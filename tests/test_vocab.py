@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tokenization.vocab import LLAMA3_LAYOUT, PUA_BASE, SodaLayout
+from megatron_soda.tokenization.vocab import LLAMA3_LAYOUT, PUA_BASE, SodaLayout
 
 
 def test_llama3_layout_gives_the_released_ids():

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import codec_embedding, fused_ce, rmsnorm, rope
+from megatron_soda.kernels import codec_embedding, fused_ce, rmsnorm, rope
 
 CE = dict(
     logits_ptr="*bf16",

@@ -15,7 +15,12 @@ import math
 import numpy as np
 import torch
 
+from megatron_soda.config import UserError
+
 MIMI_HF_NAME = "kyutai/mimi"
+# Mimi's frames per second (24 kHz / 1920 samples), for where no codec is loaded: a shard index
+# without codec metadata, or generation that produces no audio. A loaded codec uses its own config.
+MIMI_FRAME_RATE = 12.5
 RANDOM_PREFIX = "random:"  # "random:<seed>": a random-weight Mimi, for offline tests and the demo
 
 
@@ -58,7 +63,7 @@ class MimiCodec:
         from transformers import MimiModel
 
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda asked for, but torch sees no GPU")
+            raise UserError("--device cuda asked for, but torch sees no GPU")
         if name_or_path.startswith(RANDOM_PREFIX):
             seed = name_or_path[len(RANDOM_PREFIX) :]
             if not seed.isdigit():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenization.vocab import SodaLayout
+from megatron_soda.tokenization.vocab import SodaLayout
 
 PRETRAIN_FORMATS = ("text_first", "audio_first", "audio_only", "text_only")
 PAIRED_TASK_FORMATS = ("asr", "tts")

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenization.audio_io import AUDIO_EXTENSIONS
+from megatron_soda.tokenization.audio_io import AUDIO_EXTENSIONS
 
 TEXT_EXTENSIONS = (".txt",)
 

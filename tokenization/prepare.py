@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenization.audio_io import AudioSkip, load_audio
-from tokenization.codec import MIMI_HF_NAME
-from tokenization.documents import (
+from megatron_soda.config import UserError
+from megatron_soda.tokenization.audio_io import AudioSkip, load_audio
+from megatron_soda.tokenization.codec import MIMI_HF_NAME
+from megatron_soda.tokenization.documents import (
+    FORMATS,
     PAIRED_TASK_FORMATS,
     S2ST_FORMATS,
     TASK_FORMATS,
@@ -31,31 +33,43 @@ from tokenization.documents import (
     build_task_documents,
     parse_formats,
 )
-from tokenization.inputs import Entry, InputError, Skip, discover
-from tokenization.shards import Packer, atomic_write_text, index_entry, read_sidecar, write_index, write_shard
-from tokenization.vocab import SodaLayout
+from megatron_soda.tokenization.inputs import Entry, InputError, Skip, discover
+from megatron_soda.tokenization.shard_format import atomic_write_text, index_entry, read_sidecar, write_index
+from megatron_soda.tokenization.shards import Packer, write_shard
+from megatron_soda.tokenization.vocab import SodaLayout
 
 PAIRED_FORMATS = ("text_first", "audio_first")  # the pretraining default: both orders, as the paper
 
 
 @dataclass
 class PrepareConfig:
-    inputs: list[str]
+    inputs: list[str] = field(
+        metadata={"flag": "--input", "action": "append", "help": "JSONL manifest or directory (repeatable)"}
+    )
     output: str
-    tokenizer: str
-    codec: str = MIMI_HF_NAME
-    device: str = "cpu"
+    tokenizer: str = field(metadata={"help": "HF tokenizer name/path (extended on the fly if plain)"})
+    codec: str = field(default=MIMI_HF_NAME, metadata={"help": "Mimi name/path, or random:<seed> for a random codec"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
     seq_len: int = 4096
-    formats: list[str] = field(default_factory=lambda: list(PAIRED_FORMATS))
-    num_codebooks: int = 8
+    formats: list[str] = field(
+        default_factory=lambda: list(PAIRED_FORMATS), metadata={"help": f"comma list of {', '.join(FORMATS)}"}
+    )
+    num_codebooks: int = field(default=8, metadata={"help": "codebooks kept: 1 = semantic only ... 8"})
     files_per_shard: int = 256
-    batch_seconds: float = 240.0
-    max_seconds: float = 60.0
+    batch_seconds: float = field(default=240.0, metadata={"help": "audio per codec batch (longest clip x count)"})
+    max_seconds: float = field(default=60.0, metadata={"help": "longer paired files are skipped, audio-only chunked"})
     num_workers: int = 1
-    rank: int = 0
-    world_size: int = 1
+    rank: int | None = field(default=None, metadata={"help": "this task's share (default: SLURM_ARRAY_TASK_ID or 0)"})
+    world_size: int | None = field(
+        default=None, metadata={"help": "number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "progress bar (--no-progress: none)"})
 
     def validate(self) -> None:
+        if self.rank is None:  # a SLURM job array task takes its slice from the environment
+            self.rank = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+        if self.world_size is None:
+            self.world_size = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
         self.formats = parse_formats(self.formats)
         if self.seq_len < 8:
             raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
@@ -94,8 +108,8 @@ _WORKER: dict = {}
 def _init_worker(tokenizer_dir: str, codec: str, device: str, num_codebooks: int, threads: int) -> None:
     import torch
 
-    from tokenization.codec import MimiCodec
-    from tokenization.text_tokenizer import layout_of, load_tokenizer
+    from megatron_soda.tokenization.codec import MimiCodec
+    from megatron_soda.tokenization.text_tokenizer import layout_of, load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -261,7 +275,7 @@ def _units(docs: list[list[Entry]], files_per_shard: int) -> list[list[list[Entr
 
 def _setup_tokenizer(cfg: PrepareConfig, out: Path):
     """Extend (or check) the tokenizer and keep a copy beside the shards: they are self-describing."""
-    from tokenization.text_tokenizer import layout_of, load_soda_tokenizer, load_tokenizer, save_tokenizer
+    from megatron_soda.tokenization.text_tokenizer import layout_of, load_soda_tokenizer, load_tokenizer, save_tokenizer
 
     tok_dir = out / "tokenizer"
     tok, layout = load_soda_tokenizer(cfg.tokenizer)
@@ -321,8 +335,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Run (or resume) this rank's share; returns the summary (of all shards once the index exists)."""
     from tqdm import tqdm
 
-    from tokenization.codec import MimiCodec
-    from tokenization.text_tokenizer import tokenizer_fingerprint
+    from megatron_soda.tokenization.codec import MimiCodec
+    from megatron_soda.tokenization.text_tokenizer import tokenizer_fingerprint
 
     cfg.validate()
     paired_needed = any(f in PAIRED_FORMATS + PAIRED_TASK_FORMATS for f in cfg.formats)
@@ -402,7 +416,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
                     failures.append(f"shard {u}: {type(e).__name__}: {e}")
     bar.close()
     if failures:
-        raise RuntimeError(f"{len(failures)} shard(s) failed (re-run to retry them): " + "; ".join(failures[:5]))
+        raise UserError(f"{len(failures)} shard(s) failed (re-run to retry them): " + "; ".join(failures[:5]))
 
     records = [read_sidecar(p) for p in shard_paths]
     finished = [r for r in records if r is not None]
@@ -423,3 +437,15 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     else:
         summary["pending_shards"] = len(records) - len(finished)
     return summary
+
+
+def prepare_job(cfg: PrepareConfig) -> None:
+    """`soda prepare`: tokenize audio, transcripts and text into packed WebDataset shards."""
+    summary = prepare(cfg, progress=cfg.progress)
+    if summary.get("pending_shards"):
+        print(
+            f"rank {cfg.rank} done; {summary['pending_shards']} shard(s) of other ranks still missing: "
+            "the last rank to finish writes index.json (or re-run this command)"
+        )
+    else:
+        print_summary(summary, Path(cfg.output))

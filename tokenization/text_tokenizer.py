@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenization.vocab import DELIMITERS, LayoutMismatchError, SodaLayout
+from megatron_soda.tokenization.vocab import DELIMITERS, LayoutMismatchError, SodaLayout
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -122,3 +123,31 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+@dataclass
+class TokenizerConfig:
+    out: str = field(metadata={"help": "output directory"})
+    base: str | None = field(
+        default=None, metadata={"help": "HF tokenizer name or path to extend (production: a Llama-3 tokenizer)"}
+    )
+    train_tiny: str | None = field(
+        default=None, metadata={"metavar": "TEXT_FILE", "help": "instead, train a small BPE on this text file (tests)"}
+    )
+    vocab_size: int = field(default=1024, metadata={"help": "with --train-tiny"})
+
+
+def tokenizer_job(cfg: TokenizerConfig) -> None:
+    """`soda tokenizer`: the SODA tokenizer (text tokenizer + delimiters + audio tokens)."""
+    if bool(cfg.base) == bool(cfg.train_tiny):
+        raise ValueError("tokenizer: give exactly one of --base NAME_OR_PATH or --train-tiny TEXT_FILE")
+    if cfg.train_tiny:
+        base = train_tiny_bpe(Path(cfg.train_tiny).read_text(encoding="utf-8").splitlines(), cfg.vocab_size)
+    else:
+        base = load_tokenizer(cfg.base)
+    tok, layout = extend_tokenizer(base)
+    save_tokenizer(tok, cfg.out)
+    print(
+        f"SODA tokenizer -> {cfg.out}: text {layout.text_vocab_size}, delimiters {layout.text_vocab_size}.."
+        f"{layout.audio_end}, audio {layout.audio_offset}..{layout.vocab_size - 1}, total {layout.vocab_size}"
+    )

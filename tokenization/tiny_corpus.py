@@ -12,7 +12,10 @@ import json
 import random
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_soda.config import UserError
 
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-us+f3", "en-gb+f2", "en-gb-x-rp+m4", "en-us+m7")
 
@@ -103,9 +106,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 def require_espeak() -> str:
     exe = shutil.which("espeak-ng")
     if exe is None:
-        raise RuntimeError(
-            "espeak-ng not found: install it (Debian/Ubuntu: apt-get install espeak-ng); `make` does this"
-        )
+        raise UserError("espeak-ng not found: install it (Debian/Ubuntu: apt-get install espeak-ng); `make` does this")
     return exe
 
 
@@ -226,3 +227,30 @@ def make_s2st_corpus(out_dir: str | Path, num_pairs: int = 64, seed: int = 0) ->
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "sentences.txt").write_text("\n".join(t for p in pairs for t in p) + "\n", encoding="utf-8")
     return manifest
+
+
+@dataclass
+class CorpusConfig:
+    out: str = field(default="data/tiny", metadata={"help": "output directory"})
+    utterances: int = 160
+    text_docs: int = 16
+    seed: int = 0
+    s2st: int = field(
+        default=0,
+        metadata={
+            "metavar": "PAIRS",
+            "help": "instead: a French->English speech-translation corpus of PAIRS pairs (same voice both sides)",
+        },
+    )
+
+
+def corpus_job(cfg: CorpusConfig) -> None:
+    """`soda corpus`: the bundled tiny espeak-ng corpus (demo and tests)."""
+    if cfg.s2st:
+        print(f"tiny S2ST corpus: {make_s2st_corpus(cfg.out, cfg.s2st, cfg.seed)} ({cfg.s2st} fr->en pairs)")
+        return
+    manifest = make_corpus(cfg.out, cfg.utterances, cfg.text_docs, cfg.seed)
+    print(
+        f"tiny corpus: {manifest} ({cfg.utterances} utterances) and {Path(cfg.out) / 'text'} "
+        f"({cfg.text_docs} text documents)"
+    )

@@ -20,24 +20,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_soda.config import ModelConfig, ParallelConfig
-from megatron_soda.fast_paths import FastPaths
-
-# --- parameter counts, as the paper counts them -------------------------------------------------
-
-
-def param_counts(m: ModelConfig) -> dict[str, int]:
-    """non_embedding, embedding (one V x d matrix, real vocab), label (= non_embedding + one
-    embedding: the paper's size names), total (both matrices unless tied)."""
-    d, hd = m.hidden_size, m.head_dim
-    attn = d * hd * (m.num_attention_heads + 2 * m.num_query_groups) + m.num_attention_heads * hd * d
-    mlp = 3 * d * m.ffn_hidden_size
-    norms = 2 * d + 2 * hd
-    non_embedding = m.num_layers * (attn + mlp + norms) + d
-    embedding = m.vocab_size * d
-    total = non_embedding + embedding * (1 if m.tie_embeddings else 2)
-    return {"non_embedding": non_embedding, "embedding": embedding, "label": non_embedding + embedding, "total": total}
-
+from megatron_soda.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_soda.model.fast_paths import FastPaths
 
 # --- building blocks ----------------------------------------------------------------------------
 
@@ -56,7 +40,7 @@ class SodaRMSNorm(torch.nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "triton":
-            from kernels.rmsnorm import rms_norm
+            from megatron_soda.kernels.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         return super().forward(x)
@@ -122,7 +106,7 @@ class SodaEmbedding(VocabParallelEmbedding):
 
     def forward(self, input_):
         if self.impl == "triton":
-            from kernels.codec_embedding import vocab_parallel_embedding
+            from megatron_soda.kernels.codec_embedding import vocab_parallel_embedding
 
             return vocab_parallel_embedding(self, input_, into_main_grad=self.into_main_grad)
         return super().forward(input_)
@@ -203,12 +187,12 @@ def transformer_config(
         calculate_per_token_loss=True,  # the loss is a mean over all tokens of the global batch
         batch_p2p_comm=p.vpp == 1,  # interleaved PP=2 with batched p2p is silently wrong (Megatron-LM #750)
         use_cpu_initialization=cpu,
-        gradient_accumulation_fusion=fp.wgrad == "main_grad",  # megatron_soda.fast_paths provides the GEMM
+        gradient_accumulation_fusion=fp.wgrad == "main_grad",  # model/fast_paths.py provides the GEMM
         bias_activation_fusion=not cpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=not cpu,
-        apply_rope_fusion=fp.rope == "triton",  # kernels/rope.py, installed by megatron_soda.fast_paths
+        apply_rope_fusion=fp.rope == "triton",  # kernels/rope.py, installed by model/fast_paths.py
         cross_entropy_loss_fusion=False,
         **graphs,
         **recompute,
@@ -227,7 +211,7 @@ def _have_te() -> bool:
 def layer_impl(m: ModelConfig, cuda: bool) -> str:
     if m.transformer_impl == "transformer_engine":
         if not (_have_te() and cuda):
-            raise RuntimeError("model.transformer_impl transformer_engine needs Transformer Engine and a GPU")
+            raise ConfigError("model.transformer_impl transformer_engine needs Transformer Engine and a GPU")
         return "transformer_engine"
     if m.transformer_impl == "auto" and _have_te() and cuda:
         return "transformer_engine"
@@ -254,7 +238,7 @@ def build_model(
     m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, cuda: bool, fp: FastPaths | None = None
 ) -> tuple[list[GPTModel], str]:
     """This rank's model chunks (one, or `vpp` for the interleaved schedule) and the layer path used.
-    `fp`: the resolved implementation of each seam (megatron_soda.fast_paths; default: torch's)."""
+    `fp`: the resolved implementation of each seam (model/fast_paths.py; default: torch's)."""
     fp = fp or FastPaths()
     config = transformer_config(m, p, dtype, cpu=not cuda, fp=fp)
     impl = layer_impl(m, cuda)
@@ -263,7 +247,7 @@ def build_model(
         want_flash = m.attention_backend in ("auto", "flash_attn")
         flash = want_flash and cuda and _flash_attn() is not None
         if m.attention_backend == "flash_attn" and not flash:
-            raise RuntimeError("model.attention_backend flash_attn needs flash-attn and a GPU")
+            raise ConfigError("model.attention_backend flash_attn needs flash-attn and a GPU")
         path = "local spec, " + ("flash-attn" if flash else "torch SDPA") + " attention"
     else:
         path = "Transformer Engine spec"
@@ -313,35 +297,6 @@ def _swap_embedding(model: GPTModel) -> SodaEmbedding:
         raise TypeError(f"unexpected embedding class {type(emb).__name__}")
     emb.__class__ = SodaEmbedding
     return emb
-
-
-def flops_per_token(m: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token = 3 x forward (backward = 2 x forward).
-
-    Forward: 2 x every matmul weight (QKV, attention output, SwiGLU's three, LM head over the real
-    vocabulary) plus attention scores and values, 2 x 2 x seq x (heads x head_dim) per layer, counted
-    over the full (not causally halved) score matrix as PaLM, torchtitan and Levanter (the paper's
-    IsoFLOP accounting) do. The embedding lookup is free. Activation recomputation is not counted
-    (MFU counts useful work).
-    """
-    d, hd, L = m.hidden_size, m.head_dim, m.num_layers
-    attn_proj = d * hd * (m.num_attention_heads + 2 * m.num_query_groups) + m.num_attention_heads * hd * d
-    mlp = 3 * d * m.ffn_hidden_size
-    matmul = L * (attn_proj + mlp) + d * m.vocab_size
-    attn_scores = L * 2 * 2 * seq_length * m.num_attention_heads * hd
-    return 3.0 * (2.0 * matmul + attn_scores)
-
-
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "L40S": 362.0}
-
-
-def peak_tflops(override: float) -> float | None:
-    if override > 0:
-        return override
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
 
 
 def local_vocab_range(m: ModelConfig) -> tuple[int, int]:

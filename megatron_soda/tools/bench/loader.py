@@ -1,6 +1,6 @@
 """`soda bench loader`: tokens/s of the training data loader, per worker process.
 
-The goal (shared/goals.md) is >= 20M tokens/s per core on packed shards: a GPU consumes 0.1-1M
+The goal (docs/PERFORMANCE.md) is >= 20M tokens/s per core on packed shards: a GPU consumes 0.1-1M
 tokens/s, so loading must never show in a profile. Without --shards it writes a synthetic shard set
 of random SODA ids through the real shard writer (the loader cannot tell the difference).
 """
@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from megatron_soda.data import DataConfig, MixtureDataset, SodaDataLoader
-from tokenization.shards import index_entry, write_index, write_shard
-from tokenization.vocab import LLAMA3_LAYOUT
+from megatron_soda.config import DataConfig
+from megatron_soda.data.loader import SodaDataLoader
+from megatron_soda.data.mixture import MixtureDataset
+from megatron_soda.tokenization.shard_format import index_entry, write_index
+from megatron_soda.tokenization.shards import write_shard
+from megatron_soda.tokenization.vocab import LLAMA3_LAYOUT
+from megatron_soda.tools.bench import write_json
 
 
 def synthetic_shards(out: Path, num_shards: int = 8, samples_per_shard: int = 256, seq_len: int = 4096) -> Path:
@@ -61,3 +66,19 @@ def run(shards: str | None, workers: list[int], micro_batch: int, seconds: float
         best = max(r["tokens_per_s_per_worker"] for r in rows)
         print(f"goal >= 20,000,000 tokens/s per core: {'met' if best >= 20e6 else 'NOT met'} (best {best:,.0f})")
         return rows
+
+
+@dataclass
+class LoaderBenchConfig:
+    shards: str | None = field(default=None, metadata={"help": "a shard set (default: a synthetic seq-4096 set)"})
+    workers: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "comma list of worker counts"})
+    micro_batch: int = 8
+    seconds: float = 3.0
+    json: str | None = field(default=None, metadata={"help": "also write the rows here"})
+
+
+def bench_job(cfg: LoaderBenchConfig) -> list[dict]:
+    """`soda bench loader`: training data loader tokens/s per worker."""
+    rows = run(cfg.shards, cfg.workers, cfg.micro_batch, cfg.seconds)
+    write_json(rows, cfg.json)
+    return rows

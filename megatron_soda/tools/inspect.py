@@ -6,10 +6,14 @@ transcripts sit next to plausible amounts of audio, in the right order, with the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 
-from megatron_soda.data import ShardSet
-from tokenization.vocab import SodaLayout
+from megatron_soda.data.shard_set import ShardSet
+from megatron_soda.tokenization.codec import MIMI_FRAME_RATE
+from megatron_soda.tokenization.vocab import SodaLayout
 
 
 def render(ids: np.ndarray, tokenizer, layout: SodaLayout, num_codebooks: int) -> str:
@@ -40,7 +44,7 @@ def render(ids: np.ndarray, tokenizer, layout: SodaLayout, num_codebooks: int) -
 
 
 def inspect(path: str, num_samples: int = 3, chars: int = 300) -> None:
-    from tokenization.text_tokenizer import load_tokenizer
+    from megatron_soda.tokenization.text_tokenizer import load_tokenizer
 
     shards = ShardSet(path)
     idx = shards.index
@@ -67,12 +71,30 @@ def inspect(path: str, num_samples: int = 3, chars: int = 300) -> None:
         )
     tok_dir = idx.root / meta.get("tokenizer", {}).get("path", "tokenizer")
     tokenizer = load_tokenizer(str(tok_dir))
+    frame_rate = float(codec.get("frame_rate", MIMI_FRAME_RATE))
     for k in range(min(num_samples, len(shards))):
         ids, _ = shards.read(k)
         text = render(ids, tokenizer, layout, int(meta.get("num_codebooks", layout.codebooks)))
         audio = int(layout.is_audio(ids).sum())
         print(
             f"\n--- sample {k}: {int(layout.is_text(ids).sum())} text + {audio} audio tokens "
-            f"({audio / int(meta.get('num_codebooks', 8)) / float(codec.get('frame_rate', 12.5)):.1f} s of audio)"
+            f"({audio / int(meta.get('num_codebooks', 8)) / frame_rate:.1f} s of audio)"
         )
         print(text[:chars] + (" ..." if len(text) > chars else ""))
+
+
+@dataclass
+class InspectConfig:
+    path: str = field(metadata={"positional": True, "help": "a `soda prepare` output, or a run dir / checkpoint"})
+    samples: int = 3
+    chars: int = field(default=300, metadata={"help": "characters of each decoded sample to print"})
+
+
+def inspect_job(cfg: InspectConfig) -> None:
+    """`soda inspect`: a shard set (decode a few samples) or a checkpoint (config, shapes)."""
+    if (Path(cfg.path) / "index.json").is_file():
+        inspect(cfg.path, cfg.samples, cfg.chars)
+    else:
+        from megatron_soda.checkpoints_tools.inspect_checkpoint import inspect_checkpoint
+
+        inspect_checkpoint(cfg.path)

@@ -21,7 +21,13 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_soda.config import UserError
+
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A path that is not a complete checkpoint of ours."""
 
 
 def ckpt_root(run_dir: str | Path) -> Path:
@@ -35,7 +41,7 @@ def latest(run_dir: str | Path) -> Path | None:
         return None
     path = root / pointer.read_text().strip()
     if not (path / "metadata.json").is_file():
-        raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint")
     return path
 
 
@@ -221,7 +227,7 @@ def resolve(path: str | Path) -> Path:
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     if not (path / "metadata.json").is_file():
-        raise RuntimeError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
+        raise CheckpointError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
     return path
 
 

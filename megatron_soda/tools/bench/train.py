@@ -29,14 +29,18 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 import torch
+
+from megatron_soda.config import UserError
+from megatron_soda.model.flops import flops_per_token, mfu, peak_tflops
+from megatron_soda.parallel.setup import peak_memory_gb, reset_peak_memory, synchronize
 
 VARIANTS = ("ours", "ours-nokernels", "ours-off", "hf", "hf-compile")
 # lever name in a variant -> the config switch it turns on (off: the switch's torch choice)
@@ -71,7 +75,7 @@ def variant_overrides(v: str) -> dict:
 
 def bench_layout(vocab_size: int):
     """A token layout matching `vocab_size` (the loss breakdown needs one); 0 = the SODA layout."""
-    from tokenization.vocab import LLAMA3_LAYOUT, SodaLayout
+    from megatron_soda.tokenization.vocab import LLAMA3_LAYOUT, SodaLayout
 
     if vocab_size in (0, LLAMA3_LAYOUT.vocab_size):
         return LLAMA3_LAYOUT
@@ -92,29 +96,6 @@ def synthetic_micro_batches(vocab: int, micro: int, seq: int, n: int, seed: int 
             {"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "loss_mask": torch.ones(micro, seq)}
         )
     return out
-
-
-def mfu(flops_per_token: float, tokens_per_s_per_gpu: float, peak_tflops: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved model FLOP/s per GPU over the GPU's peak."""
-    if not peak_tflops:
-        return None
-    return flops_per_token * tokens_per_s_per_gpu / (peak_tflops * 1e12)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_memory_gb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; process lifetime
-
-
-def _reset_memory(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
 
 def _versions() -> dict:
@@ -146,8 +127,6 @@ def _summary(
     losses: list[float],
     peak,
 ) -> dict:
-    from megatron_soda.model import flops_per_token
-
     t, p = cfg.train, cfg.parallel
     step = statistics.median(times["step"])
     tokens_per_s = t.global_batch_size * t.seq_length / step
@@ -178,7 +157,7 @@ def _summary(
         "flops_per_token": ftok,
         "peak_tflops": peak,
         "mfu": mfu(ftok, per_gpu, peak),
-        "peak_memory_gb": _peak_memory_gb(device),
+        "peak_memory_gb": peak_memory_gb(device),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "losses": losses,  # every step's, warm-up included: variants started alike compare step by step
@@ -195,7 +174,7 @@ def _measure(step, warmup: int, steps: int, device: str, profile_dir: str | None
     prof = _profiler(profile_dir, device) if profile_dir else None
     for i in range(warmup + steps):
         if i == warmup:
-            _reset_memory(device)
+            reset_peak_memory(device)
             if prof:
                 prof.start()
         loss, parts = step()
@@ -215,91 +194,63 @@ def _measure(step, warmup: int, steps: int, device: str, profile_dir: str | None
 
 
 def bench_ours(cfg, steps: int, warmup: int, variant: str, profile_dir: str | None) -> dict | None:
-    """Time the real training step; call inside an initialized process group. Row on rank 0."""
+    """Time the Trainer's own training step; call inside an initialized process group. Row on rank 0."""
     import dataclasses
 
     import torch.distributed as dist
 
     from megatron_soda.config import config_from_dict
-    from megatron_soda.fast_paths import resolve_fast_paths
-    from megatron_soda.model import peak_tflops
-    from megatron_soda.train import (
-        StepStats,
-        make_forward_step,
-        resolve_device,
-        run_schedule,
-        setup_parallel,
-        wrap_model,
-    )
+    from megatron_soda.model.fast_paths import resolve_fast_paths
+    from megatron_soda.parallel.setup import resolve_device, setup_parallel
+    from megatron_soda.training.trainer import Trainer
 
     device = resolve_device(cfg.train.device)
-    over = variant_overrides(variant)
     values = cfg.to_dict()
-    for section, kv in over.items():
+    for section, kv in variant_overrides(variant).items():
         values[section].update(kv)
     cfg = config_from_dict(values)
     fp = resolve_fast_paths(cfg, device == "cuda")
     graphs = fp.cuda_graph != "none"
-    dp = setup_parallel(cfg, need_data=False, fp=fp)
+    dp = setup_parallel(cfg, need_data=False, graph_safe_rng=graphs)
     layout = bench_layout(cfg.model.vocab_size)
     cfg.model.vocab_size = layout.vocab_size
-    tr = wrap_model(cfg, device, fp)
+    trainer = Trainer(cfg, device, fp, layout, dp)
     t = cfg.train
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     micro = synthetic_micro_batches(
-        layout.vocab_size, t.micro_batch_size, t.seq_length, num_micro, seed=dist.get_rank()
+        layout.vocab_size, t.micro_batch_size, t.seq_length, trainer.num_micro, seed=dist.get_rank()
     )
-    stats = StepStats(layout)
-    fwd = make_forward_step(cfg, layout, device, fp)
-    config = tr.modules[0].config
     sync_time = [0.0]
-    finalize = config.finalize_model_grads_func
+    finalize = trainer.config.finalize_model_grads_func
 
     def timed_finalize(*args, **kwargs):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         out = finalize(*args, **kwargs)
-        _sync(device)
+        synchronize(device)
         sync_time[0] += time.perf_counter() - t0
         return out
 
     if not graphs:  # inside a CUDA graph nothing may synchronise: the grad sync is then part of backward
-        config.finalize_model_grads_func = timed_finalize
-
-    def cycle():
-        while True:
-            yield from micro
+        trainer.config.finalize_model_grads_func = timed_finalize
 
     def step():
-        for c in tr.chunks:
-            c.zero_grad_buffer()
-        tr.optimizer.zero_grad()
         sync_time[0] = 0.0
-        _sync(device)
-        t0 = time.perf_counter()
-        outputs = run_schedule(tr, cycle(), fwd, num_micro, forward_only=False)
-        _sync(device)
-        t1 = time.perf_counter()
-        tr.optimizer.step()
-        tr.scheduler.step(increment=1)
-        _sync(device)
-        t2 = time.perf_counter()
-        loss = stats.as_dict(stats.reduce(outputs, device))["loss"]
+        row = trainer.train_step(micro)
         # backward still holds the forward: it is subtracted below
-        return loss, {
-            "step": t2 - t0,
-            "optimizer": t2 - t1,
+        return row["loss"], {
+            "step": row["step_s"],
+            "optimizer": row["optimizer_s"],
             "grad_sync": sync_time[0],
-            "backward": t1 - t0 - sync_time[0],
+            "backward": row["fwd_bwd_s"] - sync_time[0],
         }
 
     times, losses = _measure(step, warmup, steps, device, profile_dir, dist.get_rank())
     times["forward"] = []
     for _ in range(max(1, min(steps, 5))):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
-        run_schedule(tr, cycle(), fwd, num_micro, forward_only=True)
-        _sync(device)
+        trainer.forward_only(micro)
+        synchronize(device)
         times["forward"].append(time.perf_counter() - t0)
     f = statistics.median(times["forward"])
     times["backward"] = [max(0.0, b - f) for b in times["backward"]]
@@ -321,9 +272,8 @@ def bench_hf(cfg, steps: int, warmup: int, compile_model: bool, profile_dir: str
     """transformers' Qwen3ForCausalLM, same shapes, as a user would train it on one GPU."""
     from transformers import Qwen3ForCausalLM
 
-    from checkpoints_tools.qwen3_mapping import hf_config
-    from megatron_soda.model import peak_tflops
-    from megatron_soda.train import resolve_device
+    from megatron_soda.checkpoints_tools.qwen3_mapping import hf_config
+    from megatron_soda.parallel.setup import resolve_device
 
     device = resolve_device(cfg.train.device)
     cuda = device == "cuda"
@@ -350,24 +300,24 @@ def bench_hf(cfg, steps: int, warmup: int, compile_model: bool, profile_dir: str
     def step():
         opt.zero_grad(set_to_none=True)
         fw = bw = total = 0.0
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for b in micro:
             a = time.perf_counter()
             with amp:
                 logits = run(input_ids=b["tokens"]).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten())
-            _sync(device)
+            synchronize(device)
             m = time.perf_counter()
             (loss / num_micro).backward()
-            _sync(device)
+            synchronize(device)
             fw, bw = fw + m - a, bw + time.perf_counter() - m
             total += loss.item() / num_micro
         t1 = time.perf_counter()
         if o.clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
         opt.step()
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
         return total, {"step": t2 - t0, "forward": fw, "backward": bw, "optimizer": t2 - t1}
 
@@ -404,14 +354,12 @@ def _report_profile(prof, out_dir: str, rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry of one variant's process (`python -m megatron_soda.benchmarks.train`, torchrun for ours)."""
+    """Entry of one variant's process (`python -m megatron_soda.tools.bench.train`, torchrun for ours)."""
     import logging
     import warnings
 
-    import torch.distributed as dist
-
     from megatron_soda.config import ConfigError, load_config, validate
-    from megatron_soda.train import init_distributed, resolve_device
+    from megatron_soda.parallel.setup import init_distributed, resolve_device, teardown
 
     ap = argparse.ArgumentParser(prog="soda bench train (one variant)")
     ap.add_argument("--variant", required=True)
@@ -446,10 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"soda bench train: error: {e}", file=sys.stderr)
             return 2
         finally:
-            from megatron.core import parallel_state as ps
-
-            ps.destroy_model_parallel()
-            dist.destroy_process_group()
+            teardown()
     if row is not None:
         Path(a.out).write_text(json.dumps(row))
     return 0
@@ -458,27 +403,60 @@ def main(argv: list[str] | None = None) -> int:
 # --- the suite: variants side by side -----------------------------------------------------------
 
 
-def run_suite(
-    config: str | None,
-    overrides: list[str],
-    variants: list[str],
-    nproc: int,
-    device: str,
-    steps: int,
-    warmup: int,
-    results: str,
-    plot_path: str | None,
-    label: str,
-    profile: str | None,
-    command: str = "",
-    baseline_micro_batch: int = 0,
-) -> list[dict]:
+@dataclass
+class TrainBenchConfig:
+    config: str | None = field(default=None, metadata={"help": "preset YAML (configs/soda-135m.yaml ...)"})
+    nproc: int = field(default=1, metadata={"help": "ranks for our variants (TP x PP x DP); baselines use one"})
+    device: str = field(default="auto", metadata={"choices": ["auto", "cuda", "cpu"]})
+    steps: int = field(default=10, metadata={"help": "measured steps (median reported)"})
+    warmup: int = field(default=3, metadata={"help": "steps run before measuring"})
+    variants: list[str] = field(
+        default_factory=lambda: ["ours", "ours-nokernels", "hf"],
+        metadata={
+            "help": "comma list of ours, ours-nokernels, ours-off (speed levers off), ours-off+<lever>[+<lever>] "
+            "(levers: graphs, wgrad, norm, rope, adam), hf, hf-compile (transformers + torch.compile)"
+        },
+    )
+    baseline_micro_batch: int = field(
+        default=0,
+        metadata={
+            "help": "micro-batch of the transformers baselines (same global batch; default: ours'), for when "
+            "theirs does not fit at ours' size"
+        },
+    )
+    results: str = field(default="bench/results/train.jsonl", metadata={"help": "JSON lines, appended"})
+    plot: str = field(default="bench/results/train.png", metadata={"help": "bar chart of the results file"})
+    label: str = field(default="", metadata={"help": "name of this configuration in the table and plot"})
+    profile: str | None = field(
+        default=None, metadata={"help": "write torch.profiler traces + top operators per variant here"}
+    )
+
+
+def bench_job(cfg: TrainBenchConfig, overrides: list[str]) -> list[dict]:
+    """`soda bench train`: training tokens/s, TFLOP/s, MFU, step split and peak memory; ours vs
+    transformers, the kernels off and the speed levers off or one at a time. Extra --section.key
+    value flags override the preset, as in `soda train`."""
+    if not cfg.variants:
+        raise ValueError("--variants: none given")
+    for v in cfg.variants:
+        try:
+            check_variant(v)
+        except ValueError as e:
+            raise ValueError(f"--variants: {e}") from None
+    return run_suite(cfg, overrides, command="soda bench train " + " ".join(sys.argv[3:]))
+
+
+def run_suite(cfg: TrainBenchConfig, overrides: list[str], command: str = "") -> list[dict]:
     """Run each variant in its own process, append each row to `results` (JSON lines) as soon as it
     exists, then print the table with ours/baseline ratios and draw the comparison PNG."""
     import subprocess
     import tempfile
 
     from megatron_soda.config import load_config
+
+    config, variants, nproc, device = cfg.config, cfg.variants, cfg.nproc, cfg.device
+    steps, warmup, results, plot_path = cfg.steps, cfg.warmup, cfg.results, cfg.plot or None
+    label, profile, baseline_micro_batch = cfg.label, cfg.profile, cfg.baseline_micro_batch
 
     cfg = load_config(config, overrides)  # fail here, with the user's flags, before any process starts
     dp = max(1, nproc // (cfg.parallel.tp * cfg.parallel.pp))
@@ -511,7 +489,7 @@ def run_suite(
             if v.startswith("hf") and baseline_micro_batch:
                 extra = ["--train.micro_batch_size", str(baseline_micro_batch)]
             proc = subprocess.run(
-                [*cmd, "-m", "megatron_soda.benchmarks.train", *args, *overrides, *extra],
+                [*cmd, "-m", "megatron_soda.tools.bench.train", *args, *overrides, *extra],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -540,18 +518,18 @@ def run_suite(
             print(f"{v}: {row['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (appended to {results})", flush=True)
     failures = "; ".join(f"bench variant {v} failed ({why})" for v, why in failed.items())
     if not rows:
-        raise RuntimeError(failures)
+        raise UserError(failures)
     ours = next((r for r in rows if r["variant"] == "ours"), None)
     for r in rows:
         if ours is not None and r is not ours:
             r["ours_over_this"] = ours["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
     print(format_table(rows))
     if plot_path:
-        from megatron_soda.plots import plot_bench
+        from megatron_soda.tools.plots import plot_bench
 
         print(f"plot: {plot_bench(read_results(results), plot_path)}")
     if failures:
-        raise RuntimeError(failures)
+        raise UserError(failures)
     return rows
 
 

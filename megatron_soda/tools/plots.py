@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a `soda train` run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from megatron_soda.training.metrics import read_metrics
 
 
 def plot_loss(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -94,3 +89,15 @@ def ascii_curve(run_dir: str | Path, points: int = 10) -> str:
         bar = "#" * int(1 + 50 * (r["loss"] - lo) / max(hi - lo, 1e-9))
         lines.append(f"step {r['step']:>5}  loss {r['loss']:7.4f}  {bar}")
     return "\n".join(lines)
+
+
+@dataclass
+class PlotConfig:
+    run_dir: str = field(metadata={"positional": True})
+    out: str | None = field(default=None, metadata={"help": "default: RUN_DIR/loss.png"})
+
+
+def plot_job(cfg: PlotConfig) -> None:
+    """`soda plot`: loss curves of a training run as a PNG (and a rough one in the terminal)."""
+    print(ascii_curve(cfg.run_dir))
+    print(f"plot: {plot_loss(cfg.run_dir, cfg.out)}")

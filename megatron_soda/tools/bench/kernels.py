@@ -16,11 +16,13 @@ only show that the benchmark works, not how fast anything is.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import megatron_soda  # noqa: F401  (Triton interpreter switch before Triton is imported)
+from megatron_soda.tools.bench import write_json
 
 SODA_VOCAB = 144_644
 
@@ -51,7 +53,7 @@ def _megatron_session():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         if not torch.cuda.is_available():
-            from megatron_soda import cpu_backend
+            from megatron_soda.parallel import cpu_backend
 
             cpu_backend.enable()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
@@ -78,7 +80,7 @@ def bench_embedding(hidden: int, tokens: int, vocab: int, reps: int, dev: str, d
     from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from kernels.codec_embedding import fused_embedding
+    from megatron_soda.kernels.codec_embedding import fused_embedding
 
     cuda = dev.startswith("cuda")
     ids32 = torch.randint(0, vocab, (tokens,), device=dev, dtype=torch.int32)
@@ -119,7 +121,7 @@ def bench_embedding(hidden: int, tokens: int, vocab: int, reps: int, dev: str, d
 def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, chunk: int) -> dict:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from kernels.fused_ce import fused_linear_cross_entropy
+    from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
 
     cuda = dev.startswith("cuda")
     h = torch.randn(tokens, hidden, device=dev, dtype=dtype, requires_grad=True)
@@ -172,7 +174,7 @@ def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, c
 
 def bench_rmsnorm(hidden: int, rows: int, reps: int, dev: str, dtype) -> dict:
     """One norm over [rows, hidden], forward + backward (weight gradient reduced over the rows)."""
-    from kernels.rmsnorm import rms_norm
+    from megatron_soda.kernels.rmsnorm import rms_norm
 
     cuda = dev.startswith("cuda")
     x = torch.randn(rows, hidden, device=dev, dtype=dtype, requires_grad=True)
@@ -199,7 +201,7 @@ def bench_rope(seq: int, heads: int, head_dim: int, reps: int, dev: str, dtype) 
     """Rotary embedding of a query tensor [seq, 1, heads, head_dim], forward + backward."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from kernels.rope import fused_apply_rotary_pos_emb
+    from megatron_soda.kernels.rope import fused_apply_rotary_pos_emb
 
     cuda = dev.startswith("cuda")
     q = torch.randn(seq, 1, heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
@@ -260,3 +262,24 @@ def run(
             )
             results.append({"head_dim": head_dim, "heads": heads, "tokens": n, "qk_norm": qk, "rope": rope})
     return results
+
+
+@dataclass
+class KernelBenchConfig:
+    hidden: list[int] = field(
+        default_factory=lambda: [576, 1024, 2048, 2560], metadata={"help": "comma list of hidden sizes"}
+    )
+    tokens: list[int] = field(
+        default_factory=lambda: [8192, 32768], metadata={"help": "comma list of tokens per micro-batch"}
+    )
+    tp: int = field(default=1, metadata={"help": "vocab rows per rank = 144,644 / TP"})
+    vocab: int | None = field(default=None, metadata={"help": "override the vocabulary (small shapes on CPU)"})
+    reps: int = 5
+    json: str | None = field(default=None, metadata={"help": "also write the rows here"})
+
+
+def bench_job(cfg: KernelBenchConfig) -> list[dict]:
+    """`soda bench kernels`: fused embedding / linear+CE / RMSNorm / RoPE vs megatron-core, torch and peers."""
+    rows = run(cfg.hidden, cfg.tokens, cfg.tp, cfg.reps, cfg.vocab)
+    write_json(rows, cfg.json)
+    return rows

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from tokenization.codec import MIMI_HF_NAME, MimiCodec
+from megatron_soda.tokenization.codec import MIMI_HF_NAME, MimiCodec
+from megatron_soda.tools.bench import write_json
 
 
 def run(
@@ -26,7 +28,7 @@ def run(
 ) -> list[dict]:
     c = MimiCodec.load(codec, device=device)
     if audio:
-        from tokenization.audio_io import load_audio
+        from megatron_soda.tokenization.audio_io import load_audio
 
         clip = load_audio(audio, c.sample_rate).samples
         clip = np.resize(clip, int(seconds * c.sample_rate)).astype(np.float32)
@@ -64,4 +66,25 @@ def run(
             f"batch {b:>4} x {seconds:g} s: {dt:8.3f} s wall, {r['realtime_factor']:9.1f}x real time, "
             f"{r['tokens_per_s']:12,.0f} tokens/s"
         )
+    return rows
+
+
+@dataclass
+class TokenizeBenchConfig:
+    codec: str = field(default=MIMI_HF_NAME, metadata={"help": "HF name/path, or random:<seed> (random weights)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when a GPU exists) | cpu | cuda[:N]"})
+    batch: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={"help": "comma list of clips per batch"})
+    seconds: float = field(default=10.0, metadata={"help": "length of each clip"})
+    reps: int = 3
+    audio: str | None = field(
+        default=None, metadata={"help": "a speech file to tile (default: seeded noise, same compute)"}
+    )
+    json: str | None = field(default=None, metadata={"help": "also write the rows here"})
+
+
+def bench_job(cfg: TokenizeBenchConfig) -> list[dict]:
+    """`soda bench tokenize`: Mimi encoding throughput (audio-seconds per wall-second), batched."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    rows = run(cfg.codec, device, cfg.batch, cfg.seconds, cfg.reps, cfg.audio)
+    write_json(rows, cfg.json)
     return rows

@@ -13,7 +13,8 @@ looks them up, filling only the hooks it could not import:
 - `fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32/fp16` (gradient-accumulation fusion):
   kernels/grad_accum.py, torch's GEMM with an fp32 output accumulating into `main_grad`;
 - `amp_C.multi_tensor_l2norm / multi_tensor_scale` (grad norm, clipping, fp32 -> bf16 weight copy):
-  kernels/multi_tensor.py, torch foreach ops without a host sync per parameter;
+  kernels/multi_tensor.py, torch foreach ops without a host sync per parameter (with the fused
+  AdamW, which training/optimizer.py switches on);
 - Transformer Engine's `fused_apply_rotary_pos_emb` (`apply_rope_fusion`): kernels/rope.py.
 These are process-wide names inside megatron-core, but each only acts where a model's config asks
 for it (gradient_accumulation_fusion, apply_rope_fusion), except the multi-tensor ops, which
@@ -103,16 +104,16 @@ def install(fp: FastPaths) -> list[str]:
         from megatron.core.tensor_parallel import layers
 
         if not layers._grad_accum_fusion_available:
-            import kernels.grad_accum
+            from megatron_soda.kernels import grad_accum
 
-            layers.fused_weight_gradient_mlp_cuda = kernels.grad_accum
+            layers.fused_weight_gradient_mlp_cuda = grad_accum
             layers._grad_accum_fusion_available = True
             done.append("fused_weight_gradient_mlp_cuda")
     if fp.rope == "triton":
         from megatron.core.models.common.embeddings import rope_utils
 
         if rope_utils.fused_apply_rotary_pos_emb is None:
-            from kernels.rope import fused_apply_rotary_pos_emb
+            from megatron_soda.kernels.rope import fused_apply_rotary_pos_emb
 
             rope_utils.fused_apply_rotary_pos_emb = fused_apply_rotary_pos_emb
             done.append("fused_apply_rotary_pos_emb")
@@ -121,7 +122,7 @@ def install(fp: FastPaths) -> list[str]:
         from megatron.core.optimizer import clip_grads
         from megatron.core.optimizer import optimizer as mopt
 
-        from kernels import multi_tensor
+        from megatron_soda.kernels import multi_tensor
 
         if clip_grads.l2_norm_impl is mutils.local_multi_tensor_l2_norm:
             clip_grads.l2_norm_impl = multi_tensor.multi_tensor_l2norm
@@ -131,27 +132,3 @@ def install(fp: FastPaths) -> list[str]:
                 mod.multi_tensor_scale_impl = multi_tensor.multi_tensor_scale
                 done.append(f"{mod.__name__.rsplit('.', 1)[-1]}.multi_tensor_scale")
     return done
-
-
-def use_fused_adam(optimizer) -> int:
-    """Switch megatron's torch AdamW fallback (foreach: ~10 kernels per parameter group chunk) to
-    torch's fused AdamW (one kernel over all tensors). `fused` is a per-group hyperparameter that
-    torch's AdamW reads at every step, so the optimizer and its state stay megatron's; returns the
-    number of torch optimizers switched."""
-    import torch
-
-    inner = []
-    stack = [optimizer]
-    while stack:
-        o = stack.pop()
-        if hasattr(o, "chained_optimizers"):
-            stack.extend(o.chained_optimizers)
-        elif isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer):
-            inner.append(o.optimizer)
-    for opt in inner:
-        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
-            raise ConfigError(f"optim.adam_impl fused: megatron built a {type(opt).__name__}, not torch's Adam/AdamW")
-        opt.defaults.update(fused=True, foreach=False)
-        for group in opt.param_groups:
-            group.update(fused=True, foreach=False)
-    return len(inner)

@@ -15,18 +15,18 @@ from pathlib import Path
 from megatron_soda.config import ConfigError, SodaConfig, config_from_dict, load_config, save_config
 
 log = logging.getLogger("soda.finetune")
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "finetune-s2st.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "finetune-s2st.yaml"
 
 
 def finetune_config(init_from: str, config: str | None, overrides: list[str]) -> SodaConfig:
-    from megatron_soda import checkpoint as ckpt
-    from tokenization.shards import read_index
+    from megatron_soda.tokenization.shard_format import read_index
+    from megatron_soda.training import checkpoint as ckpt
 
     if any(o.startswith("--model.") for o in overrides):
         raise ConfigError("--model.* cannot change in a fine-tune: the architecture is the pretrained checkpoint's")
     try:
         src = ckpt.resolve(init_from)
-    except RuntimeError as e:
+    except ckpt.CheckpointError as e:
         raise ConfigError(f"--init-from: {e}") from None
     common = ckpt.common_state(src)
     if "config" not in common:
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     import argparse
     import sys
 
-    from megatron_soda.cli import train_command
+    from megatron_soda.training import spawn
 
     ap = argparse.ArgumentParser(
         prog="soda finetune",
@@ -73,6 +73,4 @@ def main(argv: list[str]) -> int:
     cfg.run_dir = str(run_dir)
     recipe = run_dir / "finetune.yaml"
     save_config(cfg, recipe)
-    return train_command(
-        ["--nproc", str(a.nproc), "--config", str(recipe), "--run-dir", str(run_dir), "--device", a.device]
-    )
+    return spawn.train(a.nproc, ["--config", str(recipe), "--run-dir", str(run_dir), "--device", a.device])

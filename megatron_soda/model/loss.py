@@ -13,7 +13,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-from tokenization.vocab import SodaLayout
+from megatron_soda.tokenization.vocab import SodaLayout
 
 
 def token_losses(
@@ -58,7 +58,7 @@ def output_losses(
     if not fused:
         nll, log_z = token_losses(output, labels, vocab_start, m.vocab_size)
         return nll, log_z, (nll * mask).sum() + z_weight * (log_z.square() * mask).sum()
-    from kernels.fused_ce import fused_linear_cross_entropy
+    from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
 
     b, s, h = output.shape
     nll, log_z, loss = fused_linear_cross_entropy(

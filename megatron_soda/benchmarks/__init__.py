@@ -1,1 +1,0 @@
-"""Benchmarks behind `soda bench`: they print numbers; tests never time anything."""

@@ -1,0 +1,114 @@
+"""This DP rank's micro-batches of the mixture, and the position that checkpoints save.
+
+The loader's whole state is one integer, `consumed_samples`: step s uses global samples
+[s * global_batch, (s + 1) * global_batch), each DP rank its contiguous slice, and DataLoader
+workers fetch whole micro-batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from megatron_soda.data.mixture import PAD, MixtureDataset
+
+
+def _collated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch  # `__getitems__` already returns a batch
+
+
+def split_batch(batch: dict[str, torch.Tensor], pad_input_id: int) -> dict[str, torch.Tensor]:
+    """[B, seq_len + 1] samples -> model inputs, next-token labels and the loss mask.
+
+    Padding never enters the loss; as an input position it reads `pad_input_id` (EOS), whose
+    output is masked anyway. Prompt tokens (stored as -(id + 2)) are inputs but never labels.
+    """
+    sample = batch["sample"].long()
+    valid = sample != PAD
+    prompt = sample < PAD
+    ids = torch.where(prompt, -sample - 2, sample)
+    return {
+        "tokens": torch.where(valid[:, :-1], ids[:, :-1], pad_input_id),
+        "labels": torch.where(valid[:, 1:], ids[:, 1:], 0),
+        "loss_mask": (valid[:, :-1] & valid[:, 1:] & ~prompt[:, 1:]).float(),
+        "index": batch["index"],
+        "corrupt": batch["corrupt"],
+    }
+
+
+# --- who reads what -----------------------------------------------------------------------------
+
+
+class GlobalBatchSampler:
+    """Micro-batches of global indices for one DP rank, from `consumed_samples` on (Megatron order)."""
+
+    def __init__(
+        self, consumed_samples: int, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int
+    ):
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x DP {dp_size}"
+            )
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        self.consumed = consumed_samples
+        self.mbs, self.gbs, self.rank, self.dp = micro_batch_size, global_batch_size, dp_rank, dp_size
+
+    def __iter__(self):
+        per_rank = self.gbs // self.dp
+        start = self.consumed
+        while True:
+            base = start + self.rank * per_rank
+            for m in range(0, per_rank, self.mbs):
+                yield list(range(base + m, base + m + self.mbs))
+            start += self.gbs
+
+
+class SodaDataLoader:
+    """Iterates this rank's micro-batches; `state_dict()` goes into every checkpoint."""
+
+    def __init__(
+        self,
+        dataset: MixtureDataset,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int | None = None,
+        consumed_samples: int = 0,
+    ) -> None:
+        self.dataset = dataset
+        self.mbs, self.gbs, self.dp_rank, self.dp_size = micro_batch_size, global_batch_size, dp_rank, dp_size
+        self.num_workers = dataset.cfg.num_workers if num_workers is None else num_workers
+        self.consumed_samples = consumed_samples
+        self.corrupt_samples = 0
+        GlobalBatchSampler(0, micro_batch_size, global_batch_size, dp_rank, dp_size)  # validates the shape now
+
+    def __iter__(self):
+        sampler = GlobalBatchSampler(self.consumed_samples, self.mbs, self.gbs, self.dp_rank, self.dp_size)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            collate_fn=_collated,
+            prefetch_factor=4 if self.num_workers else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for batch in loader:
+            # every DP rank takes one micro-batch at a time in lockstep: the global position moves
+            # by one micro-batch per rank
+            self.consumed_samples += self.mbs * self.dp_size
+            self.corrupt_samples += int(batch["corrupt"].sum())
+            yield split_batch(batch, self.dataset.pad_input)
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "fingerprint": self.dataset.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.dataset.fingerprint():
+            raise ValueError(
+                "data loader state was saved for other data (shard sets, weights, seed or block differ): "
+                f"checkpoint {state.get('fingerprint')} vs now {self.dataset.fingerprint()}"
+            )
+        self.consumed_samples = int(state["consumed_samples"])

@@ -1,0 +1,141 @@
+"""A weighted mixture of shard sets, read by global sample index.
+
+Why index-addressed rather than streamed: every sample has a global position g = 0, 1, 2, ...
+computed from the seed alone (a blend of the shard sets by weight, each set walked through a
+seeded Feistel permutation per epoch, as Marin/Levanter shuffle). So a resumed run, with any number
+of workers and also after a change of DP degree, sees exactly the samples an uninterrupted one
+would, and every sample of a set is seen exactly once per epoch of that set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from megatron_soda.config import DataConfig
+from megatron_soda.data.shard_set import ShardSet
+from megatron_soda.tokenization.vocab import SodaLayout
+
+PAD = -1  # padding in collated samples
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finaliser: a cheap, well-spread round function."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def feistel_permute(i: int, n: int, key: int, rounds: int = 4) -> int:
+    """Position i of a pseudo-random permutation of range(n), in O(1) memory.
+
+    A balanced Feistel network on the smallest even bit width covering n is a bijection on
+    [0, 2^bits); cycle-walking (re-apply until the value falls below n) restricts it to [0, n).
+    """
+    if not 0 <= i < n:
+        raise IndexError(f"{i} outside [0, {n})")
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    lo_mask = (1 << half) - 1
+    x = i
+    while True:
+        left, right = x >> half, x & lo_mask
+        for r in range(rounds):
+            left, right = right, left ^ (_mix(key ^ (r << 56) ^ right) & lo_mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
+def _block_counts(weights: np.ndarray, block: int) -> np.ndarray:
+    """Largest-remainder apportionment of `block` samples to sets by weight."""
+    raw = weights / weights.sum() * block
+    counts = np.floor(raw).astype(np.int64)
+    for i in np.argsort(-(raw - counts), kind="stable")[: block - counts.sum()]:
+        counts[i] += 1
+    return counts
+
+
+class MixtureDataset(Dataset):
+    """Global sample index -> training sample; stateless, so any worker can serve any index."""
+
+    def __init__(self, cfg: DataConfig, layout: SodaLayout | None = None, seq_len: int | None = None) -> None:
+        if not cfg.paths:
+            raise ValueError("data.paths: no shard sets given")
+        self.cfg = cfg
+        self.sets = [ShardSet(p, cfg.skip_corrupt) for p in cfg.paths]
+        first = self.sets[0].index
+        for s in self.sets:
+            s.index.check_compatible(layout or first.layout, seq_len or first.seq_len)
+        self.layout = layout or first.layout
+        self.seq_len = first.seq_len
+        weights = cfg.weights if cfg.weights is not None else [len(s) for s in self.sets]
+        if len(weights) != len(self.sets) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"data.weights: expected {len(self.sets)} non-negative weights with a positive sum, got {weights}"
+            )
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.block = cfg.blend_block
+        self.counts = _block_counts(self.weights, self.block)
+        self.pad_input = self.layout.eos_id
+
+    def fingerprint(self) -> str:
+        """Identity of the sample order: resuming under another one would silently change the data."""
+        desc = {
+            "sets": [[str(s.root), len(s), s.index.layout.fingerprint()] for s in self.sets],
+            "counts": self.counts.tolist(),
+            "seed": self.cfg.seed,
+            "block": self.block,
+        }
+        return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a handful of blocks, bounded; workers hold their own copies
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.repeat(np.arange(len(self.sets)), self.counts)
+        np.random.default_rng([self.cfg.seed, b]).shuffle(labels)
+        rank_in_block = np.zeros(self.block, dtype=np.int64)
+        for d in range(len(self.sets)):
+            where = labels == d
+            rank_in_block[where] = np.arange(where.sum())
+        return labels, rank_in_block
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """Global index -> (set, sample within that set)."""
+        b, o = divmod(g, self.block)
+        labels, rank = self._block(b)
+        d = int(labels[o])
+        i = b * int(self.counts[d]) + int(rank[o])  # i-th draw from set d
+        n = len(self.sets[d])
+        epoch, j = divmod(i, n)
+        return d, feistel_permute(j, n, _mix(self.cfg.seed * 1_000_003 + d * 7919 + epoch))
+
+    def __len__(self) -> int:
+        return 2**62  # an endless stream; epochs are per set
+
+    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([g])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole micro-batch in one int32 array with padding as -1: one tensor per batch is the
+        cheapest thing to ship between worker processes (inputs, labels and the loss mask are
+        derived afterwards by `split_batch`). Prompt tokens of fine-tuning samples (loss mask 0) go
+        as -(id + 2), so the mask travels in the same tensor."""
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.int32)
+        corrupt = torch.zeros(len(indices), dtype=torch.bool)
+        for row, g in enumerate(indices):
+            d, k = self.locate(int(g))
+            raw, mask, corrupt[row] = self.sets[d].read_masked(k)
+            out[row] = raw
+            if mask is not None:
+                prompt = mask == 0
+                out[row][prompt] = -out[row][prompt] - 2
+            out[row][raw == self.sets[d].sentinel] = PAD
+        return {"sample": torch.from_numpy(out), "index": torch.tensor(indices), "corrupt": corrupt}

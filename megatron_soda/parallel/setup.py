@@ -1,0 +1,103 @@
+"""Processes, devices and megatron-core's process groups: the one place a run becomes N ranks.
+
+torchrun and SLURM both set the environment this reads; NCCL on GPU, gloo with the CPU backend
+(used only when asked or when no GPU exists, so the CUDA path never sees it).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_soda.config import ConfigError, SodaConfig, validate
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device cuda: torch sees no GPU (use --device cpu for the CPU backend)")
+    return name
+
+
+def world_size_from_env() -> int:
+    """The number of ranks the launcher (torchrun or srun) started, before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def init_distributed(device: str) -> None:
+    """torchrun/SLURM environment -> process group (NCCL on GPU, gloo with the CPU backend)."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun with one task per device
+        os.environ.update(
+            RANK=os.environ["SLURM_PROCID"],
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+        )
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl", timeout=timedelta(minutes=10))
+    else:
+        from megatron_soda.parallel import cpu_backend
+
+        cpu_backend.enable()
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("SODA_GLOO_TIMEOUT_S", "300"))))
+
+
+def setup_parallel(cfg: SodaConfig, need_data: bool = True, graph_safe_rng: bool = False) -> int:
+    """Process groups for TP x PP x DP and the seeded RNG trackers; returns the DP degree.
+    `graph_safe_rng`: CUDA graphs need megatron's graph-safe tracker (generator objects a graph can
+    register) from the start."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    dp = validate(cfg, dist.get_world_size(), need_data)
+    p = cfg.parallel
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
+    )
+    torch.manual_seed(cfg.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed, use_cudagraphable_rng=graph_safe_rng)
+    return dp
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb(device: str) -> float:
+    """The most memory this process has held: allocated device memory on GPU (since the last
+    `reset_peak_memory`), the process's peak resident set on CPU (its lifetime)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,1 @@
+"""Tools around training: benchmarks (bench/), the IsoFLOP study (isoflop/), plots, shard inspection."""

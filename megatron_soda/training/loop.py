@@ -1,0 +1,240 @@
+"""`soda train`: the training loop, one process per device.
+
+Everything a rank needs is built first (data, Trainer, checkpointer, logs), then the loop only asks
+the Trainer for steps and decides when to evaluate, log, checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_soda.config import ConfigError, DataConfig, SodaConfig, UserError, load_config, save_config, validate
+from megatron_soda.data.loader import SodaDataLoader
+from megatron_soda.data.mixture import MixtureDataset
+from megatron_soda.model.fast_paths import resolve_fast_paths, save_fast_paths
+from megatron_soda.model.flops import flops_per_token, mfu, param_counts, peak_tflops
+from megatron_soda.parallel.setup import (
+    init_distributed,
+    peak_memory_gb,
+    resolve_device,
+    setup_parallel,
+    teardown,
+    world_size_from_env,
+)
+from megatron_soda.training.metrics import MetricsLog
+from megatron_soda.training.trainer import Trainer
+
+log = logging.getLogger("soda")
+
+
+class TrainingStopped(UserError, RuntimeError):
+    """The run cannot go on (too many non-finite steps in a row); the message names the last good checkpoint."""
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SLURM's warning before preemption) -> save at the end of the step, exit."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def agreed(self, device) -> bool:
+        v = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        return v.item() > 0
+
+
+def train(cfg: SodaConfig) -> dict:
+    """Run (or resume) training; returns a summary. Call inside an initialized process group."""
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    from megatron_soda.training import checkpoint as ckpt  # megatron-core: after main() set its warnings
+
+    device = resolve_device(cfg.train.device)
+    fp = resolve_fast_paths(cfg, device == "cuda")
+    dp = setup_parallel(cfg, graph_safe_rng=fp.cuda_graph != "none")
+    rank0 = dist.get_rank() == 0
+    run_dir = Path(cfg.run_dir)
+    t = cfg.train
+
+    dataset = MixtureDataset(cfg.data, seq_len=t.seq_length)
+    layout = dataset.layout
+    if cfg.model.vocab_size == 0:  # "take it from the shards": resolved here, saved in config.yaml
+        cfg.model.vocab_size = layout.vocab_size
+    if cfg.model.vocab_size != layout.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size {cfg.model.vocab_size} but the shards use a {layout.vocab_size}-id layout "
+            f"(text {layout.text_vocab_size}): tokenizer and model disagree"
+        )
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        save_fast_paths(fp, run_dir / "fast_paths.yaml")
+    dist.barrier()
+
+    trainer = Trainer(cfg, device, fp, layout, dp)
+    loader = SodaDataLoader(dataset, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp)
+    checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+    resume_from = ckpt.latest(run_dir) if cfg.checkpoint.resume else None
+    if resume_from is None and cfg.checkpoint.init_from:
+        ckpt.load_weights(cfg.checkpoint.init_from, trainer.modules)
+    if resume_from is not None:
+        common = ckpt.load(resume_from, trainer.modules, trainer.optimizer)
+        trainer.load_state_dict(common)
+        loader.load_state_dict(common["data"])
+        if rank0:
+            log.info(
+                "resumed from %s at step %d (%d samples consumed)", resume_from, trainer.step, loader.consumed_samples
+            )
+
+    def save() -> Path:
+        common = {**trainer.state_dict(), "data": loader.state_dict(), "config": cfg.to_dict()}
+        path = checkpointer.save(trainer.step, trainer.modules, trainer.optimizer, common)
+        if rank0:
+            save_config(cfg, run_dir / "checkpoints" / "config.yaml")
+        return path
+
+    counts = param_counts(cfg.model)
+    if rank0:
+        log.info(
+            "model %s: %.1fM non-embedding, %.1fM label (non-emb + 1 embedding), %.1fM total; TP %d PP %d DP %d",
+            cfg.model.name,
+            counts["non_embedding"] / 1e6,
+            counts["label"] / 1e6,
+            counts["total"] / 1e6,
+            cfg.parallel.tp,
+            cfg.parallel.pp,
+            dp,
+        )
+    flops_tok = flops_per_token(cfg.model, t.seq_length)
+    peak = peak_tflops(t.peak_tflops)
+    metrics = MetricsLog(run_dir, cfg, rank0)
+    preempt = Preemption()
+    val_data = None
+    if t.eval_interval and cfg.data.val_paths:
+        val_cfg = DataConfig(
+            paths=cfg.data.val_paths, seed=cfg.data.seed, num_workers=0, skip_corrupt=cfg.data.skip_corrupt
+        )
+        val_data = MixtureDataset(val_cfg, layout=layout, seq_len=t.seq_length)
+    batches = iter(loader)
+    consecutive_skips = 0
+    last_saved = resume_from
+    start_step = trainer.step
+    bar = tqdm(total=t.steps, initial=start_step, disable=not rank0, desc="train", file=sys.stderr, dynamic_ncols=True)
+    while trainer.step < t.steps:
+        micro = [next(batches) for _ in range(trainer.num_micro)]
+        row = trainer.train_step(micro, inject_nan=trainer.step + 1 in t.debug_nan_steps)
+        step = trainer.step
+        if row.pop("skipped"):
+            row["grad_norm"] = float("nan")
+            consecutive_skips += 1
+            if rank0:
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, consecutive_skips)
+            if consecutive_skips >= t.max_skipped_steps:
+                raise TrainingStopped(
+                    f"{consecutive_skips} consecutive non-finite steps, the last at step {step}; "
+                    f"last good checkpoint: {last_saved or 'none'}"
+                )
+        else:
+            consecutive_skips = 0
+        tokens_per_s = t.global_batch_size * t.seq_length / row["step_s"]
+        tflops = flops_tok * tokens_per_s / dist.get_world_size() / 1e12
+        row.update(
+            tokens_per_s=tokens_per_s,
+            tflops_per_device=tflops,
+            mfu=mfu(flops_tok, tokens_per_s / dist.get_world_size(), peak),
+            memory_gb=peak_memory_gb(device),
+            step_time_s=row.pop("step_s"),
+            skipped_steps=trainer.skipped_steps,
+            consumed_samples=loader.consumed_samples,
+        )
+        for k in ("fwd_bwd_s", "optimizer_s"):
+            row.pop(k)
+        if val_data is not None and step % t.eval_interval == 0:
+            val = SodaDataLoader(val_data, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp, 0)
+            row["val_loss"] = trainer.evaluate(iter(val), t.eval_batches)  # always the same first batches
+        if step % t.log_interval == 0 or step == t.steps:
+            metrics.write(step, row)
+            if rank0:
+                bar.set_postfix_str(f"loss {row['loss']:.4f} lr {row['lr']:.2e} {tokens_per_s:,.0f} tok/s")
+        bar.update(1)
+        checkpointer.poll()
+        stop = preempt.agreed(device) or bool(t.exit_interval and step % t.exit_interval == 0)
+        if stop or step == t.steps or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
+            last_saved = save()
+        if stop:
+            if rank0:
+                bar.write(f"stopping early (signal or train.exit_interval): saved {last_saved} at step {step}")
+            break
+    bar.close()
+    checkpointer.poll(blocking=True)
+    metrics.close()
+    return {
+        "step": trainer.step,
+        "start_step": start_step,
+        "checkpoint": str(last_saved),
+        "skipped_steps": trainer.skipped_steps,
+        "preempted": trainer.step < t.steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of `soda train` (torchrun / srun start one per device)."""
+    import argparse
+    import os
+    import warnings
+
+    parser = argparse.ArgumentParser(prog="soda train", description="train a SODA model (see configs/)")
+    parser.add_argument("--config", help="YAML preset, e.g. configs/soda-600m.yaml")
+    parser.add_argument("--run-dir", help="checkpoints, config, TensorBoard logs and metrics.jsonl go here")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="cpu: megatron-core on gloo (fp32)")
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-parameter listings drown the run log
+    # megatron-core warns at import and per layer about missing TE/apex and CUDA-only env settings
+    warnings.filterwarnings("ignore", module=r"megatron\.core.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        cfg = load_config(args.config, rest)
+        if args.run_dir:
+            cfg.run_dir = args.run_dir
+        if args.device:
+            cfg.train.device = args.device
+        device = resolve_device(cfg.train.device)
+        validate(cfg, world_size_from_env())
+    except ConfigError as e:
+        print(f"soda train: error: {e}", file=sys.stderr)
+        return 2
+    init_distributed(device)
+    rank = dist.get_rank()
+    try:
+        summary = train(cfg)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("SODA_DEBUG"):
+            traceback.print_exc()
+        if rank == 0:
+            print(f"soda train: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: every rank's own traceback, then rank 0's one-line summary
+        print(f"[rank {rank}] {traceback.format_exc()}", file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f"soda train: error on rank {rank}: {type(e).__name__}: {e} (tracebacks above)", file=sys.stderr)
+        return 1
+    finally:
+        teardown()
+    if rank == 0:
+        print(json.dumps({"summary": summary}))
+    return 0
