@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_soda.checkpoints_tools.qwen3_mapping import hf_config, to_hf
-from megatron_soda.config import UserError, config_from_dict
+from megatron_soda.config import USER_ERRORS, UserError, config_from_dict
 from megatron_soda.model.flops import param_counts
 from megatron_soda.training import checkpoint as ckpt
 
@@ -242,7 +242,7 @@ def _main() -> int:
     try:
         data = export_hf(a.checkpoint, a.out, a.tokenizer)
     except Exception as e:  # noqa: BLE001  (whatever it is, the caller gets it as data)
-        if not isinstance(e, (UserError, ValueError, FileNotFoundError, FileExistsError)):
+        if not isinstance(e, USER_ERRORS):
             traceback.print_exc()
         data = {"error": str(e)}
     Path(a.result).write_text(json.dumps(data))

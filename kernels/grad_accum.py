@@ -17,7 +17,7 @@ import torch
 
 log = logging.getLogger("soda")
 
-_PATH: dict[tuple, str] = {}  # (device type, operand dtype) -> the accumulation that works there
+_PATH: dict[tuple, str] = {}  # (device type, operand dtype, accumulator dtype) -> the form that works there
 
 
 def _accumulate(path: str, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

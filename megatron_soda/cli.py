@@ -21,11 +21,7 @@ import types
 import typing
 from dataclasses import MISSING
 
-from megatron_soda.config import UserError
-
-# What a user can fix from the message alone (a setting, a path, the data): one line, exit 2.
-# Anything else (RuntimeError, OSError ...) is a bug or a broken machine and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, FileExistsError)
+from megatron_soda.config import USER_ERRORS
 
 # name -> (module, config class, job function, help, extra flags go to the job). Nested dicts are
 # subcommand groups. Modules are imported only for the command that runs.
@@ -237,7 +233,7 @@ def _add_commands(sub, table: dict, path: tuple[str, ...]) -> None:
     for name, spec in table.items():
         if isinstance(spec, dict):
             p = sub.add_parser(name, help=f"{name} jobs")
-            _add_commands(p.add_subparsers(dest="_".join((*path, name)) or name, required=True), spec, (*path, name))
+            _add_commands(p.add_subparsers(dest="_".join((*path, name)), required=True), spec, (*path, name))
             continue
         module, cls_name, fn, help_text, _ = spec
         p = sub.add_parser(name, help=help_text, description=help_text)

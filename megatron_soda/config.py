@@ -22,6 +22,12 @@ class UserError(Exception):
     traceback, on every rank."""
 
 
+# What a user can fix from the message alone (a setting, a path, the data): reported as one line by
+# the CLI, every training rank and child processes. Anything else (RuntimeError, OSError ...) is a bug
+# or a broken machine and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, FileExistsError)
+
+
 class ConfigError(UserError, ValueError):
     """A configuration that cannot run: one line naming the key and what was expected."""
 

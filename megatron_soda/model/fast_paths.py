@@ -28,9 +28,6 @@ from dataclasses import dataclass
 
 from megatron_soda.config import IMPL_CHOICES, ConfigError, SodaConfig, check_impls, impl_setting
 
-# The switches `soda bench train --variants` ablates (the embedding/output kernels have their own variant).
-LEVERS = ("cuda_graph", "wgrad", "norm", "rope", "adam")
-
 
 @dataclass(frozen=True)
 class FastPaths:

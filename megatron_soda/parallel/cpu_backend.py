@@ -53,7 +53,8 @@ def check_symbols() -> None:
     ]:
         if not hasattr(owner, name):
             raise RuntimeError(
-                f"CPU backend: megatron-core moved {owner.__name__}.{name}; update megatron_soda/cpu_backend.py"
+                f"CPU backend: megatron-core moved {owner.__name__}.{name}; "
+                "update megatron_soda/parallel/cpu_backend.py"
             )
 
 

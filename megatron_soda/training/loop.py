@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_soda.config import ConfigError, DataConfig, SodaConfig, UserError, load_config, save_config, validate
+from megatron_soda.config import (
+    USER_ERRORS,
+    ConfigError,
+    DataConfig,
+    SodaConfig,
+    UserError,
+    load_config,
+    save_config,
+    validate,
+)
 from megatron_soda.data.loader import SodaDataLoader
 from megatron_soda.data.mixture import MixtureDataset
 from megatron_soda.model.fast_paths import resolve_fast_paths, save_fast_paths
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank()
     try:
         summary = train(cfg)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         if os.environ.get("SODA_DEBUG"):
             traceback.print_exc()
         if rank == 0:

@@ -87,8 +87,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict], inject_nan: bool = False) -> dict:
         """One optimizer step over this rank's micro-batches of a global batch. Returns the step's
-        losses (reduced over every rank), the LR it used, the grad norm (None: skipped for a
-        non-finite loss or gradient) and its timing: fwd_bwd_s (megatron's schedule, gradient
+        losses (reduced over every rank), the LR it used, the grad norm, `skipped` (True when a
+        non-finite loss or gradient left the weights unchanged) and its timing: fwd_bwd_s (megatron's schedule, gradient
         reduction included), optimizer_s, step_s."""
         for c in self.chunks:
             c.zero_grad_buffer()
@@ -100,14 +100,15 @@ class Trainer:
         t1 = time.perf_counter()
         row = self.stats.as_dict(self.stats.reduce(outputs, self.device))
         row["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        if math.isfinite(row["loss"]) and grads_finite(self.chunks):
+        finite = math.isfinite(row["loss"]) and grads_finite(self.chunks)
+        row["grad_norm"] = None
+        if finite:
             _, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
         else:
-            row["grad_norm"] = None
             self.skipped_steps += 1
-        row["skipped"] = row["grad_norm"] is None
+        row["skipped"] = not finite
         synchronize(self.device)
         t2 = time.perf_counter()
         self.step += 1
