@@ -23,9 +23,11 @@ demo: setup
 isoflop-demo: setup
 	scripts/isoflop_demo.sh
 
+# Two workers, one test file each at a time: the suite is mostly separate processes (torchrun ranks,
+# SLURM jobs) with waits between them, which the second worker fills. `pytest tests/x.py` runs serially.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

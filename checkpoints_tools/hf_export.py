@@ -36,6 +36,18 @@ def _find_tokenizer(explicit: str | None, cfg) -> Path | None:
     return None
 
 
+def training_codec(cfg) -> str | None:
+    """The codec the training shards were tokenized with (what generation must decode with)."""
+    from megatron_soda.tokenization.shard_format import ShardFormatError, read_index
+
+    for p in cfg.data.paths:
+        try:
+            return read_index(p).meta.get("codec", {}).get("name")
+        except ShardFormatError:
+            continue
+    return None
+
+
 def write_safetensors(tensors, out: Path, max_shard_bytes: int) -> dict:
     """Shard by size in the given order, one shard in memory at a time; returns the weight map."""
     from safetensors.torch import save_file
@@ -156,6 +168,8 @@ def export_hf(
     out_dir = Path(out)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} exists (pass --force to replace it)")
+    if out_dir.resolve() == src.resolve() or out_dir.resolve() in src.resolve().parents:
+        raise ValueError(f"{out_dir}: replacing it would delete the checkpoint being exported ({src})")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"--dtype: expected fp32 or bf16, got {dtype!r}")
@@ -185,6 +199,8 @@ def export_hf(
             if tok is not None:
                 tok.save_pretrained(str(tmp))
             (tmp / "README.md").write_text(_model_card(cfg, common, param_counts(m), src))
+            # what `soda generate` / `soda eval` decode with when no --codec is given
+            (tmp / "soda.json").write_text(json.dumps({"codec": training_codec(cfg), "vocab_size": m.vocab_size}))
             report = {
                 "checkpoint": str(src),
                 "step": common.get("step", 0),

@@ -59,6 +59,13 @@ def import_hf(hf_dir: str, out_run: str, tokenizer: str | None = None, seed: int
     src = Path(hf_dir)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: no config.json (expected a Hugging Face model folder)")
+    out = Path(out_run)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a run directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty (pass --force to replace it)")
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise ValueError(f"{out}: replacing it would delete the model being imported from {src}")
     model_type = json.loads((src / "config.json").read_text()).get("model_type")
     if model_type != "qwen3":
         raise ValueError(f"{src}: expected a Qwen3 checkpoint (model_type 'qwen3'), got {model_type!r}")
@@ -73,9 +80,6 @@ def import_hf(hf_dir: str, out_run: str, tokenizer: str | None = None, seed: int
         if layout.text_vocab_size > hf_vocab:
             raise ValueError(f"tokenizer {tokenizer} has {layout.text_vocab_size} text ids, the model only {hf_vocab}")
         m.vocab_size = layout.vocab_size
-    out = Path(out_run)
-    if (out / "checkpoints").exists() and not force:
-        raise FileExistsError(f"{out}/checkpoints exists (pass --force to replace it)")
     get = _tensor_source(src)
     gen = torch.Generator().manual_seed(seed)
 

@@ -12,9 +12,10 @@ disjoint slices, and re-submitting redoes only what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megatron_soda.config import ConfigError, UserError, load_config, validate
@@ -68,8 +69,19 @@ class SlurmJob:
         return self.nodes * self.ranks_per_node
 
 
+def check_plain_text(job) -> None:
+    """A newline or other control character in a value would end its `#SBATCH` or shell line early
+    and let the rest run as a command: refused, naming the option."""
+    for f in dataclasses.fields(job):
+        values = getattr(job, f.name)
+        for v in values if isinstance(values, list) else [values]:
+            if isinstance(v, str) and any(ord(c) < 32 or ord(c) == 127 for c in v):
+                raise LaunchError(f"--{f.name.replace('_', '-')}: control characters (newline, tab, ...) in {v!r}")
+
+
 def check_layout(job: SlurmJob) -> tuple[int, int, int]:
     """TP within a node, world = TP x PP x DP, and the config's own checks; returns (tp, pp, dp)."""
+    check_plain_text(job)
     if job.nodes < 1 or job.ranks_per_node < 1:
         raise LaunchError("nodes and GPUs (or tasks) per node must be >= 1")
     cfg = load_config(job.config, job.overrides)
@@ -87,8 +99,17 @@ def check_layout(job: SlurmJob) -> tuple[int, int, int]:
     return tp, pp, dp
 
 
-def render_train(job: SlurmJob) -> str:
-    tp, pp, dp = check_layout(job)
+def render_train(
+    job: SlurmJob, array: list[tuple[str, list[str]]] | None = None, after: list[str] | None = None
+) -> str:
+    """The sbatch script of one training run or, with `array` ((run dir, overrides) per task), of a
+    job array with one training run per task (each preemption-safe and resumable on its own);
+    `after` is a `soda` command line the job runs once its training has finished."""
+    if array:
+        for _, task_overrides in array:
+            tp, pp, dp = check_layout(replace(job, overrides=[*job.overrides, *task_overrides]))
+    else:
+        tp, pp, dp = check_layout(job)
     logs = job.log_dir or f"{job.run_dir}/slurm"
     workdir = job.workdir or str(Path.cwd())
     device = "cuda" if job.gpus_per_node else "cpu"
@@ -97,20 +118,31 @@ def render_train(job: SlurmJob) -> str:
         f"#SBATCH --nodes={job.nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --time={job.time}",
-        f"#SBATCH --output={logs}/%x-%j.out",
+        f"#SBATCH --output={logs}/%x-{'%A_%a' if array else '%j'}.out",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
         f"#SBATCH --signal=B:USR1@{job.signal_grace_s}",
     ]
+    if array:
+        sb.append(f"#SBATCH --array=0-{len(array) - 1}")
     if job.gpus_per_node:
         sb += [f"#SBATCH --gpus-per-node={job.gpus_per_node}", "#SBATCH --exclusive"]
     if job.partition:
         sb.append(f"#SBATCH --partition={job.partition}")
     if job.account:
         sb.append(f"#SBATCH --account={job.account}")
+    run_dir = [] if array else ["--run-dir", job.run_dir]
     train_args = " ".join(
-        shlex.quote(a) for a in ["--config", job.config, "--run-dir", job.run_dir, "--device", device, *job.overrides]
+        shlex.quote(a) for a in ["--config", job.config, *run_dir, "--device", device, *job.overrides]
     )
+    task_args = ""
+    if array:
+        cases = "\n".join(
+            f"  {i}) TASK_ARGS=({' '.join(shlex.quote(a) for a in ['--run-dir', d, *o])}) ;;"
+            for i, (d, o) in enumerate(array)
+        )
+        task_args = f'case "$SLURM_ARRAY_TASK_ID" in\n{cases}\nesac\n'
+        train_args += ' "${TASK_ARGS[@]}"'
     knobs = "\n".join(f"# export {k}={v}    # {why}" for k, v, why in NCCL_KNOBS)
     if job.container:
         runner = (
@@ -121,8 +153,14 @@ def render_train(job: SlurmJob) -> str:
     else:
         runner = "srun"
         python = f"{shlex.quote(job.venv)}/bin/python" if job.venv else "python"
+    tasks, finish = f" ({len(array)} array tasks, one run each)" if array else "", ""
+    # array tasks may share a node: each rendezvous on its own port
+    port = f"$(({job.port} + SLURM_ARRAY_TASK_ID % 1000))" if array else str(job.port)
+    if after:
+        cmd = f"{runner} --nodes=1 --ntasks=1 {python} -m megatron_soda.cli {' '.join(shlex.quote(a) for a in after)}"
+        finish = f'if [ "$RC" = 0 ]; then\n  {cmd}\n  RC=$?\nfi'
     return f"""#!/bin/bash
-# Rendered by `soda launch slurm` for {job.config}: {job.nodes} node(s) x {job.ranks_per_node} ranks =
+# Rendered by `soda launch` for {job.config}{tasks}: {job.nodes} node(s) x {job.ranks_per_node} ranks =
 # {job.world} = TP {tp} x PP {pp} x DP {dp}. Preemption-safe: USR1 -> checkpoint -> requeue -> resume.
 {chr(10).join(sb)}
 set -uo pipefail
@@ -134,15 +172,18 @@ mkdir -p {shlex.quote(logs)}
 export NCCL_ASYNC_ERROR_HANDLING=${{NCCL_ASYNC_ERROR_HANDLING:-1}}
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{1 if job.gpus_per_node else 1}}}
 # torchrun forwards USR1 to the ranks and gives them this long to save before it kills them
+# (torch >= 2.8 reads PET_SIGNALS_TO_HANDLE and overwrites the older TORCHELASTIC_ variable)
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={job.shutdown_timeout_s}
 
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 HEAD_ADDR=$(scontrol show node "$HEAD" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
 HEAD_ADDR=${{HEAD_ADDR:-$HEAD}}
-echo "[soda] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}: rendezvous on $HEAD_ADDR:{job.port}"
+PORT={port}
+echo "[soda] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}: rendezvous on $HEAD_ADDR:$PORT"
 
-PREEMPTED=0
+{task_args}PREEMPTED=0
 on_usr1() {{
   PREEMPTED=1
   echo "[soda] USR1: asking the ranks to save and stop"
@@ -152,7 +193,7 @@ trap on_usr1 USR1
 
 {runner} --kill-on-bad-exit=1 {python} -m torch.distributed.run \\
   --nnodes={job.nodes} --nproc-per-node={job.ranks_per_node} \\
-  --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:{job.port}" --rdzv-id="$SLURM_JOB_ID" \\
+  --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$SLURM_JOB_ID" \\
   -m megatron_soda.training {train_args} &
 SRUN_PID=$!
 while true; do
@@ -165,6 +206,7 @@ if [ "$PREEMPTED" = 1 ]; then
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
+{finish}
 exit "$RC"
 """
 
@@ -186,6 +228,7 @@ class PrepareArray:
 
 
 def render_prepare(arr: PrepareArray) -> str:
+    check_plain_text(arr)
     if arr.tasks < 1:
         raise LaunchError("--tasks must be >= 1")
     if any(a.startswith(("--rank", "--world-size")) for a in arr.prepare_args):

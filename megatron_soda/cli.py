@@ -130,6 +130,14 @@ COMMANDS: dict = {
             "sbatch a job array of `soda prepare` over disjoint slices (extra flags go to soda prepare)",
             True,
         ),
+        "isoflop": (
+            "megatron_soda.tools.isoflop.run",
+            "IsoflopArray",
+            "launch_array_job",
+            "sbatch a planned IsoFLOP grid as a job array: one resumable run per task, runs.csv gathered "
+            "(extra flags go to every run)",
+            True,
+        ),
     },
     "isoflop": {
         "plan": (

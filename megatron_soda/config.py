@@ -36,10 +36,12 @@ class ConfigError(UserError, ValueError):
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # shard-set directories (outputs of `soda prepare`)
     val_paths: list[str] = field(default_factory=list)  # held-out shard sets for validation loss
-    weights: list[float] | None = None  # sampling weights per path; default: proportional to size
+    weights: list[float] | None = None  # sampling weights per path; default (said in the log): by size
+    names: list[str] = field(default_factory=list)  # the sources the paths stand for (presets: the paper's mixture)
     seed: int = 1234
     num_workers: int = 2
     skip_corrupt: bool = False
+    max_corrupt_fraction: float = 0.01  # with skip_corrupt: stop when more of the data read so far is corrupt
     blend_block: int = 4096  # mixture proportions are exact within every block of this many samples
 
 
@@ -60,6 +62,7 @@ class ModelConfig:
     rope_llama3_scaling: bool = True  # factor 8, low 1, high 4, original 8192 (as SODA / Llama-3)
     rope_scaling_factor: float = 8.0
     init_std: float = 0.02
+    init: str = "layout_invariant"  # layout_invariant: same weights under any TP/PP/DP | megatron: per-rank RNG
     transformer_impl: str = "auto"  # auto | transformer_engine | local
     attention_backend: str = "auto"  # auto | flash_attn | sdpa (local implementation only)
     embedding_impl: str = "auto"  # the embedding seam: torch | triton (fused kernel) | auto (triton on GPU)
@@ -90,7 +93,8 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float | None = None  # peak LR; None: the paper's rule from batch and width (`paper_peak_lr`)
+    lr_rule_width: int = 0  # the width in that rule (0: model.hidden_size; the paper's 135M run used 1024)
     min_lr: float = 0.0
     beta1: float = 0.98
     beta2: float = 0.98
@@ -102,6 +106,9 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd: linear decay to min_lr over the last fraction of steps
     z_loss: float = 1e-4
     adam_impl: str = "auto"  # foreach (megatron's torch fallback) | fused (one kernel, no per-tensor syncs) | auto
+    adamc: bool = True  # AdamC: weight decay follows lr / max_lr through the schedule (as the paper's runs)
+    embedding_weight_decay: bool = False  # the paper decays no input embedding (the untied LM head is decayed)
+    cautious: bool = False  # Cautious Adam (the paper's optimizer): drop update entries against the gradient's sign
 
 
 @dataclass
@@ -246,6 +253,19 @@ def config_from_dict(values: dict) -> SodaConfig:
     """A config saved with a checkpoint (`SodaConfig.to_dict()`) back to its dataclasses."""
     cfg = SodaConfig()
     _fill(cfg, values, "")
+    return _resolve(cfg)
+
+
+def paper_peak_lr(cfg: SodaConfig) -> float:
+    """The SODA recipe's peak LR: 0.003 x sqrt(batch / 256) x sqrt(1024 / width), with the width
+    `optim.lr_rule_width` (the 135M run set it to 1024 to keep its LR from getting too high)."""
+    width = cfg.optim.lr_rule_width or cfg.model.hidden_size
+    return 0.003 * math.sqrt(cfg.train.global_batch_size / 256) * math.sqrt(1024 / width)
+
+
+def _resolve(cfg: SodaConfig) -> SodaConfig:
+    if cfg.optim.lr is None:  # resolved once the batch and width are known, and saved as a number
+        cfg.optim.lr = round(paper_peak_lr(cfg), 8)
     return cfg
 
 
@@ -264,7 +284,7 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
         _fill(cfg, values, "")
     if overrides:
         _fill(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides), "")
-    return cfg
+    return _resolve(cfg)
 
 
 def save_config(cfg: SodaConfig, path: str | Path) -> None:
@@ -282,6 +302,8 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
     if m.attention_backend not in ("auto", "flash_attn", "sdpa"):
         raise ConfigError(f"model.attention_backend: expected auto, flash_attn or sdpa, got {m.attention_backend!r}")
     check_impls(cfg)
+    if m.init not in ("layout_invariant", "megatron"):
+        raise ConfigError(f"model.init: expected layout_invariant or megatron, got {m.init!r}")
     if p.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"parallel.recompute: expected none, selective or full, got {p.recompute!r}")
     if cfg.optim.schedule not in ("wsd", "cosine", "constant"):
@@ -290,6 +312,19 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
         raise ConfigError(f"train.device: expected auto, cuda or cpu, got {t.device!r}")
     if min(p.tp, p.pp, p.vpp) < 1:
         raise ConfigError("parallel.tp, parallel.pp and parallel.vpp must be >= 1")
+    for where, value in (
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_layers", m.num_layers),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_query_groups", m.num_query_groups),
+        ("model.head_dim", m.head_dim),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("train.seq_length", t.seq_length),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.global_batch_size", t.global_batch_size),
+    ):
+        if value < 1:
+            raise ConfigError(f"{where} must be >= 1, got {value}")
     if world_size % (p.tp * p.pp):
         raise ConfigError(f"world size {world_size} is not divisible by tp {p.tp} x pp {p.pp}")
     dp = world_size // (p.tp * p.pp)
@@ -328,6 +363,17 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
         raise ConfigError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pp")
     if t.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(
+            f"checkpoint.keep_last must be >= 1 (the checkpoint a resume needs), got {cfg.checkpoint.keep_last}"
+        )
+    if cfg.optim.lr is None or cfg.optim.lr < 0 or cfg.optim.min_lr < 0:
+        raise ConfigError(f"optim.lr and optim.min_lr must be >= 0, got {cfg.optim.lr} and {cfg.optim.min_lr}")
+    if cfg.optim.cautious and (p.tp > 1 or p.distributed_optimizer):
+        raise ConfigError(
+            "optim.cautious rescales each tensor by its mask's mean, which needs whole tensors: "
+            "use it with parallel.tp 1 and parallel.distributed_optimizer false"
+        )
     if need_data and not cfg.data.paths:
         raise ConfigError("data.paths: no training shard sets given")
     return dp

@@ -3,26 +3,38 @@
 Each task reads a JSONL file (paths relative to it), one item per line:
 
   minimal_pairs  sWUGGY / sBLIMP / tWUGGY / tBLIMP:  {"positive": X, "negative": X}
+                 (also by name: swuggy, sblimp, twuggy, tblimp; tblimp lower-cases its text)
   salmon         SALMon acoustic consistency:         {"positive": X, "negative": X, "task": "speaker"}
   storycloze     spoken or text StoryCloze:           {"prompt": X, "endings": [X, X], "label": 0}
   multiple_choice HellaSwag-style:                    {"context": X, "endings": [X, ...], "label": 2}
   asr            LibriSpeech-style:                    {"audio": "a.wav", "text": "reference"}
+  tts            seed-tts-eval-style:                  {"text": "target", "prompt_audio": "ref.wav",
+                                                        "prompt_text": "ref transcript"}
   s2st           CVSS-style:                           {"source_audio": "a.wav", "target_text": "reference"}
 
 where X is {"audio": "file.wav"} or {"text": "..."} (a bare string is text). Scoring follows the
-paper's evaluation harness: an audio candidate is `<|audio_start|>...<|audio_end|>`
-after BOS, scored by the mean log-prob of its audio tokens (delimiters excluded); a text candidate
-by its summed log-prob (and, for multiple choice, also per byte: lm-eval-harness's acc_norm, the
-"HellaSwag-norm" of the paper's peers). Accuracy = how often the right candidate scores highest.
-ASR prompts `<|audio_start|>{audio}<|audio_end|><|text_start|>`, WER with jiwer after lower-casing
-and stripping punctuation. S2ST generates the target speech and transcribes it with a pluggable ASR
-(`--asr self`: this model's own ASR prompt on the generated tokens; `--asr hf:<whisper name>`:
-a transformers ASR pipeline on the decoded audio; `--asr module:function(audio, rate) -> str`),
-then BLEU with sacrebleu.
+authors' evaluation scripts. A minimal-pair candidate is wrapped in its delimiters after BOS
+(`<|audio_start|>...<|audio_end|>` or `<|text_start|>...<|text_end|>`) and scored by the mean
+log-prob of its audio or text tokens (delimiters excluded). Story and multiple-choice endings are
+scored after their prompt: audio by the mean, text by the summed log-prob and, for multiple choice,
+also per byte (lm-eval-harness's acc_norm, the "HellaSwag-norm" of the paper's peers). Accuracy =
+how often the right candidate scores highest.
+ASR prompts `<|audio_start|>{audio}<|audio_end|><|text_start|>` and decodes greedily; WER with jiwer
+after lower-casing and stripping punctuation. TTS prompts with the reference voice
+(`<|text_start|>{ref text}<|text_end|><|audio_start|>{ref audio}<|audio_end|><|text_start|>{text}
+<|text_end|><|audio_start|>`) and S2ST with the source speech; both sample the speech (the authors'
+settings: temperature 0.9, top-p 0.8, up to 15 s for TTS), transcribe it with a pluggable ASR
+(`--asr self`: this model's own ASR prompt on the generated tokens; `--asr hf:<whisper name>`: a
+transformers ASR pipeline on the decoded audio; `--asr module:function(audio, rate) -> str`) for WER
+(TTS) or BLEU (S2ST, sacrebleu), and with `--speaker` report speaker similarity: the cosine of speaker
+embeddings of the generated and the reference (TTS) or source (S2ST) speech (`hf:<name>`: a
+transformers x-vector model such as microsoft/wavlm-base-plus-sv; the paper used seed-tts-eval's
+WavLM-large verification model, so absolute values differ; `module:function(audio, rate) -> vector`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import re
@@ -36,7 +48,9 @@ import torch
 from megatron_soda.config import UserError
 from megatron_soda.tokenization.codec import MIMI_HF_NAME
 
-TASKS = ("minimal_pairs", "salmon", "storycloze", "multiple_choice", "asr", "s2st")
+TASKS = ("minimal_pairs", "salmon", "storycloze", "multiple_choice", "asr", "tts", "s2st")
+# the benchmarks by their names: minimal pairs, tBLIMP lower-cased as the authors score it
+PAIR_ALIASES = {"swuggy": False, "sblimp": False, "twuggy": False, "tblimp": True}
 
 
 class EvalDataError(UserError, ValueError):
@@ -68,15 +82,12 @@ def normalize_text(s: str) -> str:
 class Scorer:
     """Log-likelihoods of token sequences under the model, batched (right padding)."""
 
-    def __init__(self, model, tok, layout, codec, base: Path, batch_size: int = 8) -> None:
-        self.model, self.tok, self.L, self.codec, self.base, self.batch_size = (
-            model,
-            tok,
-            layout,
-            codec,
-            base,
-            batch_size,
-        )
+    def __init__(self, model, tok, layout, codec, base: Path, batch_size: int = 8, sampling=None) -> None:
+        from megatron_soda.generate import SamplingConfig
+
+        self.model, self.tok, self.L, self.codec, self.base = model, tok, layout, codec, base
+        self.batch_size = batch_size
+        self.sampling = sampling or SamplingConfig(temperature=0.9, top_p=0.8, max_seconds=15.0)
         self._audio_cache: dict[str, np.ndarray] = {}
 
     def audio_ids(self, rel: str) -> np.ndarray:
@@ -89,15 +100,17 @@ class Scorer:
     def text_ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def segment(self, x, where: str) -> tuple[list[int], str]:
-        """A candidate/prompt -> (ids as it sits in a sequence, 'audio' | 'text')."""
+    def segment(self, x, where: str, wrap_text: bool = False, lower: bool = False) -> tuple[list[int], str]:
+        """A candidate/prompt -> (ids as it sits in a sequence, 'audio' | 'text'); audio always sits
+        in its delimiters, text with `wrap_text` (minimal pairs, as the authors score them)."""
         if isinstance(x, str):
             x = {"text": x}
         if not isinstance(x, dict) or not ({"audio", "text"} & set(x)):
             raise EvalDataError(f"{where}: expected {{'audio': path}} or {{'text': str}}, got {x!r}")
         if "audio" in x:
             return [self.L.audio_start, *map(int, self.audio_ids(x["audio"])), self.L.audio_end], "audio"
-        return self.text_ids(x["text"]), "text"
+        ids = self.text_ids(x["text"].lower() if lower else x["text"])
+        return ([self.L.text_start, *ids, self.L.text_end] if wrap_text else ids), "text"
 
     @torch.no_grad()
     def logprobs(self, seqs: list[list[int]]) -> list[np.ndarray]:
@@ -112,21 +125,20 @@ class Scorer:
             for j, s in enumerate(chunk):
                 ids[j, : len(s)] = torch.tensor(s)
                 att[j, : len(s)] = 1
-            logits = self.model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
+            logits = self.model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
+            logits = logits[..., : self.L.vocab_size].float()  # a padded vocabulary's extra rows are no tokens
             lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu().numpy()
             out += [lp[j, : len(s) - 1] for j, s in enumerate(chunk)]
         return out
 
     def continuation_scores(self, prefix: list[int], conts: list[tuple[list[int], str]]) -> list[dict]:
-        """Score each continuation after BOS + prefix: sum and mean over its scored tokens (audio: the
-        audio ids only; text: all)."""
+        """Score each continuation after BOS + prefix: sum and mean over its audio or text tokens
+        (the four delimiters are not scored)."""
         seqs = [[self.L.bos_id, *prefix, *c] for c, _ in conts]
+        delimiters = [self.L.text_start, self.L.text_end, self.L.audio_start, self.L.audio_end]
         res = []
-        for (c, kind), lp in zip(conts, self.logprobs(seqs), strict=True):
-            tail = lp[len(lp) - len(c) :]
-            if kind == "audio":
-                keep = self.L.is_audio(np.asarray(c))
-                tail = tail[keep]
+        for (c, _), lp in zip(conts, self.logprobs(seqs), strict=True):
+            tail = lp[len(lp) - len(c) :][~np.isin(np.asarray(c), delimiters)]
             res.append({"sum": float(tail.sum()), "mean": float(tail.mean()), "n": int(len(tail))})
         return res
 
@@ -135,16 +147,18 @@ def _score(kind: str, r: dict) -> float:
     return r["mean"] if kind == "audio" else r["sum"]
 
 
-def eval_pairs(sc: Scorer, items: list[dict], name: str, by: str | None = None) -> dict:
+def eval_pairs(sc: Scorer, items: list[dict], name: str, by: str | None = None, lower: bool = False) -> dict:
+    """Minimal pairs: each candidate alone after BOS, in its delimiters, by its mean log-prob."""
     correct, groups = [], {}
     for n, it in enumerate(items):
         where = f"{name} item {n}"
         for key in ("positive", "negative"):
             if key not in it:
                 raise EvalDataError(f"{where}: missing field '{key}'")
-        pos, neg = sc.segment(it["positive"], where), sc.segment(it["negative"], where)
+        pos = sc.segment(it["positive"], where, wrap_text=True, lower=lower)
+        neg = sc.segment(it["negative"], where, wrap_text=True, lower=lower)
         rp, rn = sc.continuation_scores([], [pos, neg])
-        ok = _score(pos[1], rp) > _score(neg[1], rn)
+        ok = rp["mean"] > rn["mean"]
         correct.append(ok)
         if by:
             groups.setdefault(str(it.get(by, "all")), []).append(ok)
@@ -177,10 +191,11 @@ def eval_choice(sc: Scorer, items: list[dict], name: str, prompt_key: str) -> di
     return out
 
 
-def _generate(sc: Scorer, prompts: list[list[int]], task: str, max_seconds: float = 10.0):
+def _generate(sc: Scorer, prompts: list[list[int]], task: str, sample: bool = False):
+    """Greedy for text (ASR), the configured sampling for speech (TTS, S2ST)."""
     from megatron_soda.generate import SamplingConfig, generate
 
-    s = SamplingConfig(temperature=0.0, max_seconds=max_seconds)
+    s = sc.sampling if sample else SamplingConfig(temperature=0.0, max_seconds=sc.sampling.max_seconds)
     out = []
     for i in range(0, len(prompts), sc.batch_size):
         out += generate(sc.model, sc.tok, sc.L, prompts[i : i + sc.batch_size], task, s, sc.codec)
@@ -233,7 +248,93 @@ def load_asr(spec: str, sc: Scorer):
     return lambda g: f(g.audio, sc.codec.sample_rate) if g.audio is not None else ""
 
 
-def eval_s2st(sc: Scorer, items: list[dict], name: str, asr: str, max_seconds: float) -> dict:
+def load_speaker(spec: str, sc: Scorer):
+    """`hf:<x-vector model>` or `module:function` -> callable(audio, rate) -> embedding (np.ndarray)."""
+    if spec.startswith("hf:"):
+        import soxr
+        from transformers import AutoFeatureExtractor, WavLMForXVector
+
+        try:
+            fe = AutoFeatureExtractor.from_pretrained(spec[3:])
+            enc = WavLMForXVector.from_pretrained(spec[3:]).eval()
+        except (OSError, ValueError) as e:
+            raise EvalDataError(f"--speaker {spec}: cannot load a transformers x-vector model ({e})") from None
+
+        @torch.no_grad()
+        def embed(audio: np.ndarray, rate: int) -> np.ndarray:
+            x = soxr.resample(audio.astype(np.float32), rate, fe.sampling_rate) if rate != fe.sampling_rate else audio
+            inputs = fe(x, sampling_rate=fe.sampling_rate, return_tensors="pt")
+            return enc(**inputs).embeddings[0].numpy()
+
+        return embed
+    mod, _, fn = spec.partition(":")
+    if not fn:
+        raise EvalDataError(f"--speaker {spec!r}: expected hf:<model> or module:function")
+    f = getattr(importlib.import_module(mod), fn)
+    return lambda audio, rate: np.asarray(f(audio, rate), dtype=np.float64)
+
+
+def speaker_similarity(embed, a: np.ndarray, b: np.ndarray, rate: int) -> float:
+    """Cosine of the two clips' speaker embeddings."""
+    ea, eb = (np.asarray(embed(x, rate), dtype=np.float64).ravel() for x in (a, b))
+    return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12))
+
+
+def _similarities(sc: Scorer, speaker: str, gens, refs: list[str]) -> dict:
+    """Mean speaker similarity of each generation to its reference clip (generations without audio count 0)."""
+    if not speaker:
+        return {}
+    from megatron_soda.tokenization.audio_io import load_audio
+
+    embed = load_speaker(speaker, sc)
+    rate = sc.codec.sample_rate
+    sims = [
+        speaker_similarity(embed, g.audio, load_audio(str(sc.base / r), rate).samples, rate)
+        if g.audio is not None and len(g.audio)
+        else 0.0
+        for g, r in zip(gens, refs, strict=True)
+    ]
+    return {"speaker_sim": float(np.mean(sims)), "speaker": speaker}
+
+
+def eval_tts(sc: Scorer, items: list[dict], name: str, asr: str, speaker: str) -> dict:
+    """Voice-conditioned TTS: WER of the transcribed speech, speaker similarity to the reference."""
+    import jiwer
+
+    from megatron_soda.generate import build_prompt
+
+    prompts = []
+    for n, it in enumerate(items):
+        if "text" not in it or ("prompt_audio" in it) != ("prompt_text" in it):
+            raise EvalDataError(f"{name} item {n}: needs 'text', and 'prompt_audio' with 'prompt_text' (or neither)")
+        ref = it.get("prompt_audio")
+        prompts.append(
+            build_prompt(
+                "tts",
+                sc.L,
+                sc.audio_ids(ref) if ref else None,
+                sc.text_ids(it["text"]),
+                sc.text_ids(it["prompt_text"]) if ref else None,
+            )
+        )
+    gens = _generate(sc, prompts, "tts", sample=True)
+    transcribe = load_asr(asr, sc)
+    hyps = [normalize_text(transcribe(g)) for g in gens]
+    refs = [normalize_text(it["text"]) for it in items]
+    out = {
+        "wer": float(jiwer.wer(refs, hyps)),
+        "asr": asr,
+        "items": len(items),
+        "terminated": float(np.mean([g.ended for g in gens])),
+        "mean_seconds": float(np.mean([g.seconds for g in gens])),
+        "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:5]],
+    }
+    if all("prompt_audio" in it for it in items):
+        out.update(_similarities(sc, speaker, gens, [it["prompt_audio"] for it in items]))
+    return out
+
+
+def eval_s2st(sc: Scorer, items: list[dict], name: str, asr: str, speaker: str = "") -> dict:
     import sacrebleu
 
     from megatron_soda.generate import build_prompt
@@ -242,7 +343,7 @@ def eval_s2st(sc: Scorer, items: list[dict], name: str, asr: str, max_seconds: f
         if "source_audio" not in it or "target_text" not in it:
             raise EvalDataError(f"{name} item {n}: needs 'source_audio' and 'target_text'")
     prompts = [build_prompt("s2st", sc.L, sc.audio_ids(it["source_audio"]), None) for it in items]
-    gens = _generate(sc, prompts, "s2st", max_seconds)
+    gens = _generate(sc, prompts, "s2st", sample=True)
     transcribe = load_asr(asr, sc)
     hyps = [normalize_text(transcribe(g)) for g in gens]
     refs = [normalize_text(it["target_text"]) for it in items]
@@ -251,6 +352,7 @@ def eval_s2st(sc: Scorer, items: list[dict], name: str, asr: str, max_seconds: f
         "asr_bleu": float(sacrebleu.corpus_bleu(hyps, [refs]).score),
         "asr": asr,
         "items": len(items),
+        **_similarities(sc, speaker, gens, [it["source_audio"] for it in items]),
         "whole_frames": all(
             g.frames * sc.L.codebooks == sum(len(s["ids"]) for s in g.segments if s["kind"] == "audio") for g in gens
         ),
@@ -263,27 +365,30 @@ def eval_s2st(sc: Scorer, items: list[dict], name: str, asr: str, max_seconds: f
 def run(
     model_src: str,
     tasks: list[tuple[str, str]],
-    codec: str,
+    codec: str | None,
     device: str,
     tokenizer: str | None,
     asr: str,
-    max_seconds: float,
+    sampling,
+    speaker: str = "",
 ) -> dict:
     from megatron_soda.generate import load_model
     from megatron_soda.tokenization.codec import MimiCodec
 
     for kind, _ in tasks:
-        if kind not in TASKS:
-            raise EvalDataError(f"--task {kind}: expected one of {', '.join(TASKS)}")
-    model, tok, layout = load_model(model_src, device, tokenizer)
+        if kind not in TASKS and kind not in PAIR_ALIASES:
+            raise EvalDataError(f"--task {kind}: expected one of {', '.join(TASKS + tuple(PAIR_ALIASES))}")
+    loaded = load_model(model_src, device, tokenizer)
+    model, tok, layout = loaded.model, loaded.tok, loaded.layout
+    codec = loaded.pick_codec(codec)
     mimi = MimiCodec.load(codec, device)
-    report = {"model": model_src, "codec": codec, "tasks": {}}
+    report = {"model": model_src, "codec": codec, "sampling": dataclasses.asdict(sampling), "tasks": {}}
     for kind, path in tasks:
         items = read_items(path)
-        sc = Scorer(model, tok, layout, mimi, Path(path).parent)
+        sc = Scorer(model, tok, layout, mimi, Path(path).parent, sampling=sampling)
         name = f"{kind}:{Path(path).name}"
-        if kind == "minimal_pairs":
-            r = eval_pairs(sc, items, name)
+        if kind in ("minimal_pairs", *PAIR_ALIASES):
+            r = eval_pairs(sc, items, name, lower=PAIR_ALIASES.get(kind, False))
         elif kind == "salmon":
             r = eval_pairs(sc, items, name, by="task")
         elif kind == "storycloze":
@@ -292,8 +397,10 @@ def run(
             r = eval_choice(sc, items, name, "context")
         elif kind == "asr":
             r = eval_asr(sc, items, name)
+        elif kind == "tts":
+            r = eval_tts(sc, items, name, asr, speaker)
         else:
-            r = eval_s2st(sc, items, name, asr, max_seconds)
+            r = eval_s2st(sc, items, name, asr, speaker)
         report["tasks"][name] = r
     return report
 
@@ -305,26 +412,40 @@ class EvalConfig:
         metadata={
             "action": "append",
             "metavar": "KIND:FILE.jsonl",
-            "help": "minimal_pairs | salmon | storycloze | multiple_choice | asr | s2st, with its JSONL (repeatable)",
+            "help": "minimal_pairs (or swuggy, sblimp, twuggy, tblimp) | salmon | storycloze | multiple_choice "
+            "| asr | tts | s2st, with its JSONL (repeatable)",
         }
     )
     out: str = field(default="eval", metadata={"help": "writes OUT/report.json and OUT/report.md"})
-    codec: str = MIMI_HF_NAME
+    codec: str | None = field(
+        default=None, metadata={"help": f"default: the codec the training shards recorded, else {MIMI_HF_NAME}"}
+    )
     tokenizer: str | None = None
     device: str = "cpu"
-    asr: str = field(default="self", metadata={"help": "S2ST transcriber: self | hf:<model> | module:function"})
-    max_seconds: float = 10.0
+    asr: str = field(default="self", metadata={"help": "TTS / S2ST transcriber: self | hf:<model> | module:function"})
+    speaker: str = field(
+        default="", metadata={"help": "TTS / S2ST speaker similarity: hf:<x-vector model> | module:function"}
+    )
+    temperature: float = field(default=0.9, metadata={"help": "speech sampling (TTS, S2ST); text and ASR are greedy"})
+    top_p: float = 0.8
+    top_k: int = 0
+    max_seconds: float = field(default=15.0, metadata={"help": "longest generated speech (the authors: 1,500 tokens)"})
+    seed: int = 0
 
 
 def eval_job(cfg: EvalConfig) -> dict:
-    """`soda eval`: likelihood benchmarks, ASR (WER), S2ST (ASR-BLEU) -> OUT/report.json + report.md."""
+    """`soda eval`: likelihood benchmarks, ASR (WER), TTS (WER, speaker similarity), S2ST (ASR-BLEU)
+    -> OUT/report.json + report.md."""
     tasks = []
     for t in cfg.task:
         kind, sep, path = t.partition(":")
         if not sep or not path:
             raise EvalDataError(f"--task {t!r}: expected KIND:FILE.jsonl")
         tasks.append((kind, path))
-    report = run(cfg.model, tasks, cfg.codec, cfg.device, cfg.tokenizer, cfg.asr, cfg.max_seconds)
+    from megatron_soda.generate import SamplingConfig
+
+    sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_seconds, seed=cfg.seed)
+    report = run(cfg.model, tasks, cfg.codec, cfg.device, cfg.tokenizer, cfg.asr, sampling, cfg.speaker)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
@@ -338,10 +459,10 @@ def eval_job(cfg: EvalConfig) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# soda eval: {report['model']}", "", "| task | items | metric | value |", "|---|---|---|---|"]
     for name, r in report["tasks"].items():
-        for metric in ("accuracy", "accuracy_norm", "wer", "asr_bleu"):
+        for metric in ("accuracy", "accuracy_norm", "wer", "asr_bleu", "speaker_sim"):
             if metric in r:
                 v = r[metric]
-                shown = f"{100 * v:.1f}%" if metric.startswith("acc") or metric == "wer" else f"{v:.2f}"
+                shown = f"{100 * v:.1f}%" if metric.startswith("acc") or metric == "wer" else f"{v:.3f}"
                 lines.append(f"| {name} | {r['items']} | {metric} | {shown} |")
         for group, v in r.get("by_task", {}).items():
             lines.append(f"| {name} / {group} | | accuracy | {100 * v:.1f}% |")

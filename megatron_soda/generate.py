@@ -10,6 +10,8 @@ sampled decodes: audio segments to WAV through Mimi, text to text.
 Prompts follow the SODA paper's evaluation templates:
   asr       <|audio_start|>{audio}<|audio_end|><|text_start|>        -> text until <|text_end|>
   tts       <|text_start|>{text}<|text_end|><|audio_start|>           -> audio until <|audio_end|>
+            (voice-conditioned: <|text_start|>{ref text}<|text_end|><|audio_start|>{ref audio}<|audio_end|>
+             first, with --audio REF.wav --reference-text "...")
   s2st      <|audio_start|>{source}<|audio_end|>                      -> [texts] target audio, EOS
   continue  <|audio_start|>{audio}  or  <|text_start|>{text}          -> more of the same
 """
@@ -48,10 +50,26 @@ class Generated:
     frames: int = 0
     seconds: float = 0.0  # of generated audio, at the codec's frame rate
     segments: list[dict] = field(default_factory=list)
+    ended: bool = False  # stopped by the task's stop token (not by the length limit)
 
 
-def load_model(source: str, device: str = "cpu", tokenizer: str | None = None):
-    """(HF model, tokenizer, layout) from an exported HF folder or a megatron-soda checkpoint."""
+@dataclass
+class LoadedModel:
+    model: object  # transformers Qwen3ForCausalLM
+    tok: object
+    layout: object
+    codec: str | None  # the codec the training shards recorded (soda.json of the export), if known
+
+    def pick_codec(self, given: str | None) -> str:
+        """--codec when given, else the codec the model was trained on, else the released Mimi."""
+        return given or self.codec or MIMI_HF_NAME
+
+
+def load_model(source: str, device: str = "cpu", tokenizer: str | None = None) -> LoadedModel:
+    """The HF model, tokenizer, layout and training codec from an exported HF folder or a
+    megatron-soda checkpoint. A folder whose vocabulary is padded past the tokenizer's (as
+    megatron-style exports and some releases are) loads too: the padding rows are never sampled
+    (LayoutConstraint) nor scored (evals slice the logits to the layout)."""
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     from megatron_soda.tokenization.text_tokenizer import layout_of
@@ -71,11 +89,13 @@ def load_model(source: str, device: str = "cpu", tokenizer: str | None = None):
     except (OSError, ValueError) as e:
         raise UserError(f"no tokenizer at {tok_src} (pass --tokenizer): {e}") from None
     layout = layout_of(tok)
-    if layout.vocab_size != model.config.vocab_size:
-        raise UserError(f"tokenizer has {layout.vocab_size} ids, the model {model.config.vocab_size}")
+    if layout.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer {tok_src} has {layout.vocab_size} ids, the model only {model.config.vocab_size}")
     if tmp is not None:
         model._soda_tmp = tmp  # keep the exported files until the model goes away
-    return model, tok, layout
+    info = folder / "soda.json"
+    codec = json.loads(info.read_text()).get("codec") if info.is_file() else None
+    return LoadedModel(model, tok, layout, codec)
 
 
 def segment_state(row: list[int], layout) -> tuple[str, int]:
@@ -134,7 +154,15 @@ def audio_prompt_ids(paths: list[str], codec, layout) -> list[np.ndarray]:
     return [layout.codes_to_ids(c) for c in codec.encode(clips)]
 
 
-def build_prompt(task: str, layout, audio_ids: np.ndarray | None, text_ids: list[int] | None) -> list[int]:
+def build_prompt(
+    task: str,
+    layout,
+    audio_ids: np.ndarray | None,
+    text_ids: list[int] | None,
+    reference_text_ids: list[int] | None = None,
+) -> list[int]:
+    """The task's prompt; for tts, `audio_ids` with `reference_text_ids` are the voice to speak in
+    (the paper's voice-conditioned template), without them the text alone."""
     L = layout
     a = [] if audio_ids is None else [int(x) for x in audio_ids]
     t = list(text_ids or [])
@@ -145,7 +173,10 @@ def build_prompt(task: str, layout, audio_ids: np.ndarray | None, text_ids: list
     if task == "tts":
         if text_ids is None:
             raise ValueError("tts needs --text")
-        return [L.bos_id, L.text_start, *t, L.text_end, L.audio_start]
+        voice = []
+        if audio_ids is not None and reference_text_ids is not None:
+            voice = [L.text_start, *reference_text_ids, L.text_end, L.audio_start, *a, L.audio_end]
+        return [L.bos_id, *voice, L.text_start, *t, L.text_end, L.audio_start]
     if task == "s2st":
         if audio_ids is None:
             raise ValueError("s2st needs --audio (the source speech)")
@@ -231,7 +262,7 @@ def generate(model, tok, layout, prompts: list[list[int]], task: str, s: Samplin
         cut = next((j for j, t in enumerate(new) if t in stops), None)
         new = new[: cut + 1] if cut is not None else new
         segs = split_segments(p, new, layout)
-        g = Generated(ids=new, segments=segs)
+        g = Generated(ids=new, segments=segs, ended=cut is not None)
         g.text = " ".join(tok.decode(sg["ids"]).strip() for sg in segs if sg["kind"] == "text").strip()
         audio = [x for sg in segs if sg["kind"] == "audio" for x in sg["ids"]]
         if audio:
@@ -257,9 +288,14 @@ class GenerateConfig:
         default_factory=list, metadata={"nargs": "*", "help": "prompt audio files (one per prompt; batched)"}
     )
     text: list[str] = field(default_factory=list, metadata={"nargs": "*", "help": "prompt texts (one per prompt)"})
+    reference_text: list[str] = field(
+        default_factory=list,
+        metadata={"nargs": "*", "help": "tts: the transcript of each --audio, which then is the voice to speak in"},
+    )
     out: str = "generations"
-    codec: str = field(
-        default=MIMI_HF_NAME, metadata={"help": "Mimi name/path or random:<seed> (must match the training data)"}
+    codec: str | None = field(
+        default=None,
+        metadata={"help": "Mimi name/path or random:<seed> (default: the codec the training shards recorded)"},
     )
     tokenizer: str | None = field(default=None, metadata={"help": "default: the model folder's / checkpoint's"})
     device: str = "cpu"
@@ -277,14 +313,26 @@ def generate_job(a: GenerateConfig) -> None:
 
     from megatron_soda.tokenization.codec import MimiCodec
 
-    model, tok, layout = load_model(a.model, a.device, a.tokenizer)
-    codec = MimiCodec.load(a.codec, a.device)
+    loaded = load_model(a.model, a.device, a.tokenizer)
+    model, tok, layout = loaded.model, loaded.tok, loaded.layout
+    codec = MimiCodec.load(loaded.pick_codec(a.codec), a.device)
+    empty = [i for i, t in enumerate(a.text) if not t.strip()]
+    if a.task == "tts" and empty:
+        raise UserError(f"--text: prompt {empty[0]} is empty (tts speaks the given text)")
     audio = audio_prompt_ids(a.audio, codec, layout) if a.audio else []
     texts = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in (a.text or [])]
     n = max(len(audio), len(texts), 1)
     if (audio and len(audio) != n) or (texts and len(texts) != n):
         raise ValueError(f"--audio gave {len(audio)} prompts and --text {len(texts)}: give one each per prompt")
-    prompts = [build_prompt(a.task, layout, audio[i] if audio else None, texts[i] if texts else None) for i in range(n)]
+    refs = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in a.reference_text]
+    if refs and (a.task != "tts" or len(refs) != len(audio)):
+        raise UserError("--reference-text: with --task tts, one transcript per --audio (the voice prompts)")
+    prompts = [
+        build_prompt(
+            a.task, layout, audio[i] if audio else None, texts[i] if texts else None, refs[i] if refs else None
+        )
+        for i in range(n)
+    ]
     s = SamplingConfig(a.temperature, a.top_k, a.top_p, a.max_seconds, a.max_text_tokens, a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ $SODA prepare --input data/tiny-s2st/s2st.jsonl --output $OUT/shards-s2st --toke
 $SODA finetune --init-from $OUT/run --config configs/finetune-tiny.yaml --run-dir $OUT/s2st --device cpu \
   --data.paths "[$OUT/shards-s2st]" --data.val_paths "[$OUT/shards-s2st]" --train.eval_interval 30
 $SODA generate $OUT/s2st --task s2st --audio data/tiny-s2st/audio/fr_0000.wav data/tiny-s2st/audio/fr_0001.wav \
-  --codec random:0 --tokenizer $OUT/tokenizer --max-seconds 3 --out $OUT/s2st-gen
+  --max-seconds 3 --out $OUT/s2st-gen   # codec and tokenizer: the ones its training shards recorded
 
 echo
 echo "checkpoints: $OUT/run/checkpoints (latest: $(cat $OUT/run/checkpoints/latest))"

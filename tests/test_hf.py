@@ -60,33 +60,71 @@ def test_export_import_export_is_byte_identical(exported, tmp_path):
     assert digests(exported) == digests(tmp_path / "again") and digests(exported)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_transformers_qwen3_imports_and_exports_with_the_same_logits(tie, tmp_path):
+RELEASED_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@pytest.mark.parametrize("shape", ["tiny-untied", "tiny-tied", "released"])
+def test_transformers_qwen3_imports_and_exports_with_the_same_logits(shape, tmp_path):
+    """A transformers Qwen3 after one training step -> import -> our model -> export. `released` is
+    the released SODA models' config (untied, Llama-3 RoPE scaling, head dim 128, 144,644 ids), one
+    layer deep: the export's --verify proves our model's logits equal transformers' on the exported
+    folder, and the exported folder's logits equal the original's."""
     from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=tie,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
+    if shape == "released":
+        vocab = 144_644
+        cfg = Qwen3Config(
+            vocab_size=vocab,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=128,
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+            rope_parameters=dict(RELEASED_ROPE),
+        )
+    else:
+        vocab = 300
+        cfg = Qwen3Config(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=shape == "tiny-tied",
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
     model = Qwen3ForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    batch = torch.randint(0, 300, (2, 16))
+    batch = torch.randint(0, vocab, (2, 16))
     model(batch, labels=batch).loss.backward()
     opt.step()  # one real training step in transformers
     model.save_pretrained(str(tmp_path / "qwen3"))
     soda("import-hf", str(tmp_path / "qwen3"), str(tmp_path / "run"))
-    soda("export-hf", str(tmp_path / "run"), str(tmp_path / "back"))
+    soda("export-hf", str(tmp_path / "run"), str(tmp_path / "back"), *(["--verify"] if shape == "released" else []))
+    if shape == "released":
+        v = json.loads((tmp_path / "back" / "export_verify.json").read_text())
+        assert v["max_abs_logit_diff"] <= 1e-5 and v["greedy_identical"], v
+        back_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+        assert (
+            back_cfg["rope_parameters"] | RELEASED_ROPE == back_cfg["rope_parameters"] and back_cfg["head_dim"] == 128
+        )
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
-    tokens = torch.randint(0, 300, (2, 24))
+    tokens = torch.randint(0, vocab, (2, 24))
     with torch.no_grad():
         diff = (model.eval()(tokens).logits - back(tokens).logits).abs().max().item()
     assert diff <= 1e-5, diff
@@ -152,12 +190,36 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing_behind(trained, tmp_pa
     assert r.returncode != 0 and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
+    # a crafted checkpoint whose .metadata pickle would run a command is refused before torch reads it
+    import pickle
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(ckpt, crafted)
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    (crafted / ".metadata").write_bytes(pickle.dumps(Payload()))
+    for cmd in (["inspect", str(crafted)], ["export-hf", str(crafted), str(tmp_path / "out3")]):
+        r = soda(*cmd, check=False)
+        assert r.returncode == 2 and "refusing to load it: refers to posix.system" in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "pwned").exists() and r.stderr.strip().count("\n") == 0
+
     r = soda("export-hf", str(tmp_path / "nothing"), str(tmp_path / "out2"), check=False)
     assert r.returncode == 2 and "not a megatron-core distributed checkpoint" in r.stderr
 
     os.makedirs(tmp_path / "exists")
     r = soda("export-hf", str(trained), str(tmp_path / "exists"), check=False)
     assert r.returncode == 2 and "--force" in r.stderr
+
+    # nothing is deleted by mistake: a non-empty folder without --force, the source even with it
+    (tmp_path / "exists" / "notes.txt").write_text("keep me")
+    r = soda("import-hf", str(tmp_path / "llama"), str(tmp_path / "exists"), check=False)
+    assert r.returncode == 2 and "not empty (pass --force" in r.stderr and (tmp_path / "exists" / "notes.txt").is_file()
+    r = soda("export-hf", str(trained), str(trained), "--force", check=False)
+    assert r.returncode == 2 and "would delete the checkpoint being exported" in r.stderr
+    assert (trained / "checkpoints" / "latest").is_file()
 
 
 def test_inspect_checkpoint(trained):

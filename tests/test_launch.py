@@ -55,6 +55,15 @@ def test_impossible_layouts_are_refused(nodes, gpus, extra, message):
         render_train(job)
 
 
+@pytest.mark.parametrize("field", ["job_name", "run_dir", "config", "overrides"])
+def test_control_characters_cannot_escape_the_sbatch_lines(field):
+    job = SlurmJob(config=PRESET, overrides=["--data.paths", "[x]"], run_dir="r")
+    value = getattr(job, field)
+    setattr(job, field, [*value, "x\n#SBATCH --uid=0"] if isinstance(value, list) else value + "\nrm -rf ~")
+    with pytest.raises(LaunchError, match="control characters"):
+        render_train(job)
+
+
 def test_rendered_prepare_array():
     s = render_prepare(
         PrepareArray(prepare_args=["--input", "m.jsonl", "--output", "out", "--tokenizer", "tok"], tasks=32)
@@ -156,3 +165,61 @@ def test_slurm_preemption_requeues_and_resumes(cluster, prepared, tmp_path):
     stepped = [m["step"] for m in metrics(run)]
     assert stepped == list(range(1, steps + 1)), stepped  # no step lost, none repeated
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
+
+
+def _isoflop_plan(out, budgets: str = "3e10", widths: str = "8,16") -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", "isoflop", "plan", "--budgets", budgets, "--widths", widths]
+        + ["--head-dim", "8", "--seq-len", "256", "--global-batch", "2", "--vocab", "1000", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_rendered_isoflop_array(tmp_path):
+    _isoflop_plan(tmp_path / "plan")
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", "launch", "isoflop", "--plan", str(tmp_path / "plan")]
+        + ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path / "study"), "--dry-run"]
+        + ["--gpus-per-node", "2", "--data.paths", "[x]"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    s = r.stdout
+    assert "#SBATCH --array=0-1" in s and "%x-%A_%a.out" in s and '"${TASK_ARGS[@]}"' in s
+    assert f"0) TASK_ARGS=(--run-dir {tmp_path}/study/runs/C3.0e10_d8 " in s and "--model.hidden_size 8" in s
+    assert "--train.eval_interval" in s and "isoflop run --plan" in s and "--gather" in s
+    assert "PORT=$((29500 + SLURM_ARRAY_TASK_ID % 1000))" in s
+    assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_slurm_isoflop_array_trains_each_run_and_gathers(cluster, prepared, tmp_path):
+    """Two planned runs (2 and 3 steps of width 8) as a real job array: each task trains its run,
+    and runs.csv ends up with both."""
+    _isoflop_plan(tmp_path / "plan", budgets="82968576,124452864", widths="8")
+    study = tmp_path / "study"
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", "launch", "isoflop", "--plan", str(tmp_path / "plan")]
+        + ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(study), "--venv", str(ROOT / ".venv")]
+        + ["--gpus-per-node", "0", "--tasks-per-node", "1", "--time", "00:10:00", "--port", "29611"]
+        + ["--data.paths", f"[{prepared}]", "--data.val_paths", f"[{prepared}]", "--data.num_workers", "0"]
+        + ["--train.eval_batches", "1"],
+        capture_output=True,
+        text=True,
+        env=cluster.env,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split()[-1]
+    for task in ("0", "1"):
+        info = cluster.wait(f"{job}_{task}", ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
+        log = "".join(p.read_text() for p in (study / "slurm").glob("*.out"))
+        assert info["JobState"] == "COMPLETED", log[-3000:]
+    rows = (study / "runs.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("compute,params,non_embedding_params"), rows
+    assert [m["step"] for m in metrics(study / "runs" / "C1.2e08_d8")] == [1, 2, 3]

@@ -37,3 +37,20 @@ def test_flops_per_token_counts_matmuls_and_attention():
     assert flops_per_token(m, 4096) == pytest.approx(expected)
     # without attention it is the 6N rule with N = matmul weights + LM head
     assert flops_per_token(m, 0) == 6 * (matmul_params + m.hidden_size * m.vocab_size)
+
+
+def test_counter_normal_is_a_function_of_the_index_only():
+    """The layout-invariant initialiser's generator: any subset of indices, in any blocks, gives the
+    same values as the whole; the values are standard normal; names and seeds give other streams."""
+    import torch
+
+    from megatron_soda.model.init import counter_normal
+
+    idx = torch.arange(1_000_000)
+    whole = counter_normal(7, "w", idx)
+    part = counter_normal(7, "w", idx[123_457:223_457].flip(0))
+    assert torch.equal(part, whole[123_457:223_457].flip(0))
+    assert abs(whole.mean().item()) < 0.005 and abs(whole.std().item() - 1) < 0.005
+    assert abs((whole.abs() < 1).double().mean().item() - 0.6827) < 0.003  # the normal's 1-sigma mass
+    other_name, other_seed = counter_normal(7, "v", idx[:1000]), counter_normal(8, "w", idx[:1000])
+    assert abs(torch.corrcoef(torch.stack([whole[:1000], other_name, other_seed]))[0, 1:]).max() < 0.1

@@ -108,11 +108,12 @@ def test_bad_inputs_are_counted_and_good_files_all_make_it(tokenizer_dir, tmp_pa
         json.dumps({"id": "tiny", "audio": "tiny.wav", "text": "x"}),
         "{not json",
     ]
-    (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    latin1 = '{"id": "latin1", "audio": "good0.wav", "text": "caf\xe9"}'.encode("latin-1")  # not UTF-8
+    (d / "manifest.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + latin1 + b"\n")
     cfg = prepare_config([d / "manifest.jsonl"], tmp_path / "out", tokenizer_dir, max_seconds=3.0)
     summary = prepare(cfg, progress=False)
     assert summary["skipped"] == {
-        "bad_manifest_line": 1,
+        "bad_manifest_line": 2,
         "empty": 1,
         "missing_file": 1,
         "missing_transcript": 1,
@@ -125,8 +126,9 @@ def test_bad_inputs_are_counted_and_good_files_all_make_it(tokenizer_dir, tmp_pa
     assert summary["files"] == 4  # the three good files and the repaired stereo one
     assert summary["counts"]["docs_text_first"] == 4
     skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
-    assert sorted(s["reason"] for s in skipped) == sorted(summary["skipped"])
+    assert sorted({s["reason"] for s in skipped}) == sorted(summary["skipped"])
     assert any("nope.wav" in s["item"] for s in skipped)
+    assert any("not UTF-8" in s.get("detail", "") for s in skipped), skipped
 
 
 def test_audio_only_directory_chunks_long_files(tokenizer_dir, tmp_path):
@@ -209,3 +211,14 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.jsonl" in lines[0], r.stderr
+
+
+def test_nothing_usable_is_an_error_not_an_empty_set(tokenizer_dir, tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "audio": "missing.wav", "text": "x"}\n{broken\n')
+    args = ["--input", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "o"), "--tokenizer", str(tokenizer_dir)]
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", "prepare", *args, "--codec", "random:0", "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "no samples were written" in r.stderr and "missing_file 1" in r.stderr, r.stderr

@@ -1,21 +1,26 @@
 """megatron-core training on the CPU backend: every parallel layout against the single process,
 exact resume, resharding, crash safety, bad configs, non-finite steps.
 
-Layouts are compared from the same initial weights (a checkpoint made once and loaded under each
-layout) on the same data. Tolerance on the per-step loss: 1e-5 absolute (fp32; the observed
-differences are ~1e-6, from the order of reductions across TP/DP ranks).
+Layouts are compared trained from scratch with the same seed on the same data: the initial weights
+are a function of (seed, parameter, element) only (model/init.py), so the curves must agree.
+Tolerance on the per-step loss: 1e-5 absolute (fp32; the observed differences are ~1e-6, from the
+order of reductions across TP/DP ranks).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from megatron_soda.config import ConfigError, load_config, validate
-from tests.launch import ROOT, losses, metrics, run_train, run_until_signal
+from tests.launch import ROOT, env, losses, metrics, run_train, run_until_signal, train_cmd
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
@@ -23,17 +28,10 @@ STEPS = ("--train.steps", "3")
 
 
 @pytest.fixture(scope="module")
-def init_ckpt(prepared, tmp_path_factory):
-    """Initial weights: one step at lr 0 leaves the freshly initialised model unchanged."""
-    run = tmp_path_factory.mktemp("init") / "run"
-    run_train(run, prepared, 1, "--train.steps", "1", "--optim.lr", "0")
-    return run / "checkpoints"
-
-
-@pytest.fixture(scope="module")
-def reference(prepared, init_ckpt, tmp_path_factory):
+def reference(prepared, tmp_path_factory):
+    """One process, from scratch: every layout below starts from the same weights (model/init.py)."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    run_train(run, prepared, 1, *STEPS, "--checkpoint.init_from", str(init_ckpt))
+    run_train(run, prepared, 1, *STEPS)
     return losses(run)
 
 
@@ -55,15 +53,16 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def layout_runs(prepared, init_ckpt, tmp_path_factory):
-    """Each layout's run directory, made on first use (the reshard test reuses TP=2 x PP=2's)."""
+def layout_runs(prepared, tmp_path_factory):
+    """Each layout's run directory, trained from scratch with the same seed, made on first use (the
+    reshard test reuses TP=2 x PP=2's)."""
     made = {}
 
     def get(layout: str):
         if layout not in made:
             nproc, extra = LAYOUTS[layout]
             run = tmp_path_factory.mktemp(layout) / "run"
-            run_train(run, prepared, nproc, *STEPS, "--checkpoint.init_from", str(init_ckpt), *extra)
+            run_train(run, prepared, nproc, *STEPS, *extra)
             made[layout] = run
         return made[layout]
 
@@ -240,6 +239,13 @@ def _cfg(**overrides):
         ({"parallel__tp": 2}, 3, "world size 3 is not divisible by tp 2 x pp 1"),
         ({"parallel__sequence_parallel": True}, 1, "sequence_parallel needs parallel.tp > 1"),
         ({"parallel__recompute": "some"}, 1, "parallel.recompute"),
+        ({"checkpoint__keep_last": 0}, 1, "checkpoint.keep_last must be >= 1"),
+        ({"train__seq_length": 0}, 1, "train.seq_length must be >= 1, got 0"),
+        ({"train__micro_batch_size": 0}, 1, "train.micro_batch_size must be >= 1"),
+        ({"model__num_query_groups": 0}, 1, "model.num_query_groups must be >= 1"),
+        ({"model__num_attention_heads": 0}, 1, "model.num_attention_heads must be >= 1"),
+        ({"model__hidden_size": 0}, 1, "model.hidden_size must be >= 1"),
+        ({"optim__lr": -1.0}, 1, "optim.lr and optim.min_lr must be >= 0"),
     ],
 )
 def test_bad_configs_fail_before_any_work(overrides, world, message):
@@ -267,3 +273,113 @@ def test_bad_config_on_the_command_line_is_one_line(prepared, tmp_path):
             cwd=ROOT,
         )
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_pruning_keeps_what_latest_names(tmp_path):
+    from megatron_soda.training.checkpoint import Checkpointer
+
+    c = Checkpointer(tmp_path, keep_last=1, async_save=False)
+    for step in (1, 2, 3):
+        (c.root / f"iter_{step:07d}").mkdir(parents=True)
+    (c.root / "latest").write_text("iter_0000002")
+    c._prune()
+    assert sorted(p.name for p in c.root.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
+
+
+def _send_launcher_signal(how: str, proc: subprocess.Popen) -> None:
+    """Signal a `soda train --nproc 2` (started in its own process group, as a job step is) the way a
+    launcher does: `all` SIGTERM to every process (SLURM's preemption / time limit, `kill` of a
+    group), `wrapper` SIGTERM to `soda train` only (a user, a scheduler that sees one process),
+    `torchrun` SIGUSR1 to torchrun only (the rendered sbatch script's forwarding)."""
+    import psutil
+
+    if how == "all":
+        os.killpg(proc.pid, signal.SIGTERM)
+    elif how == "wrapper":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        (torchrun,) = [c for c in psutil.Process(proc.pid).children() if "torch.distributed.run" in c.cmdline()]
+        torchrun.send_signal(signal.SIGUSR1)
+
+
+TP2_RUN = ("--train.steps", "8", "--parallel.tp", "2", *FUSED)
+
+
+@pytest.mark.slow
+def test_signals_as_launchers_send_them_save_and_the_run_resumes(prepared, tmp_path):
+    import psutil
+
+    runs = {how: tmp_path / how for how in ("all", "wrapper", "torchrun")}
+    procs = {
+        how: subprocess.Popen(
+            train_cmd(run, prepared, 2, *TP2_RUN, "--data.num_workers", "1"),  # a loader worker per rank
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        for how, run in runs.items()
+    }
+    uninterrupted = subprocess.Popen(train_cmd(tmp_path / "straight", prepared, 2, *TP2_RUN), env=env(), cwd=ROOT)
+    waiting, deadline = set(procs), time.time() + 300
+    while waiting and time.time() < deadline:  # each is signalled once it has logged 2 steps
+        for how in list(waiting):
+            log = runs[how] / "metrics.jsonl"
+            if log.is_file() and len(log.read_text().splitlines()) >= 2:
+                _send_launcher_signal(how, procs[how])
+                waiting.discard(how)
+        time.sleep(0.1)
+    for how, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        run = runs[how]
+        done = len(losses(run))
+        assert 2 <= done < 8 and "killed by signal" not in err, (how, err[-3000:])
+        assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{done:07d}", (how, err[-3000:])
+    assert uninterrupted.wait(timeout=300) == 0
+    time.sleep(1)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(str(tmp_path) in a for a in p.info["cmdline"] or [])]
+    assert not left, f"processes left behind: {left}"
+    run = runs["all"]
+    run_train(run, prepared, 2, *TP2_RUN)
+    assert [m["step"] for m in metrics(run)] == list(range(1, 9))  # none lost, none repeated
+    assert losses(run) == losses(tmp_path / "straight")
+
+
+def test_corrupt_samples_are_counted_and_too_many_stop_the_run(prepared, tmp_path):
+    """data.skip_corrupt: each corrupt sample read is counted in metrics.jsonl, and past
+    data.max_corrupt_fraction the run stops with one line naming the count."""
+    from megatron_soda.data.shard_set import ShardSet
+    from megatron_soda.tokenization.shard_format import sample_span
+
+    shards = tmp_path / "shards"
+    shutil.copytree(prepared, shards)
+    s = ShardSet(shards)
+    for rec in s.shards:  # break the .npy header of every other sample: ~half the data is corrupt
+        path = shards / rec["file"]
+        raw = bytearray(path.read_bytes())
+        for j in range(0, rec["samples"], 2):
+            raw[sample_span(rec, j, len(s._header), s._data_bytes).start + 512 + 3] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    args = ("--train.steps", "4", "--data.skip_corrupt", "true")
+    r = run_train(tmp_path / "ok", shards, 1, *args, "--data.max_corrupt_fraction", "0.9")
+    assert sum(m["corrupt_samples"] > 0 for m in metrics(tmp_path / "ok")) >= 1
+    assert json.loads(r.stdout.strip().splitlines()[-1])["summary"]["corrupt_samples"] > 0
+    r = run_train(tmp_path / "stop", shards, 1, *args, "--data.max_corrupt_fraction", "0.05", check=False)
+    assert r.returncode != 0 and "were corrupt (" in r.stderr and "> data.max_corrupt_fraction 5.0%" in r.stderr
+
+
+def test_resume_refusals_are_one_line_and_keep_the_config_and_the_path_spelling_does_not_matter(
+    prepared, straight, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    before = (run / "config.yaml").read_text()
+    r = run_train(run, prepared, 1, "--train.steps", "7", "--model.hidden_size", "32", check=False)
+    assert r.returncode != 0 and "holds another model than this run asks for: model.hidden_size 32" in r.stderr
+    assert "Traceback" not in r.stderr and (run / "config.yaml").read_text() == before
+    # the same shards through another spelling of their path (a symlink, a relative path) resume
+    (tmp_path / "alias").symlink_to(prepared)
+    r = run_train(run, tmp_path / "alias", 1, "--train.steps", "7", *FUSED)
+    assert "resumed from" in r.stderr and [m["step"] for m in metrics(run)] == list(range(1, 8))

@@ -52,10 +52,15 @@ class Inputs:
 def _from_manifest(path: Path, out: Inputs, paired_needed: bool) -> None:
     base = path.parent
     current: list[Entry] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")  # strictly: a mangled transcript must not reach the shards
+        except UnicodeDecodeError as e:
+            out.skips.append(Skip(where, "bad_manifest_line", f"not UTF-8 ({e.reason} at byte {e.start})"))
+            continue
         try:
             rec = json.loads(line)
             if not isinstance(rec, dict):

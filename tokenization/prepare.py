@@ -442,6 +442,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
 def prepare_job(cfg: PrepareConfig) -> None:
     """`soda prepare`: tokenize audio, transcripts and text into packed WebDataset shards."""
     summary = prepare(cfg, progress=cfg.progress)
+    if not summary.get("pending_shards") and summary["samples"] == 0:
+        skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
+        raise UserError(
+            f"{cfg.output}: no samples were written (inputs skipped: {skipped}; see {cfg.output}/skipped.jsonl)"
+        )
     if summary.get("pending_shards"):
         print(
             f"rank {cfg.rank} done; {summary['pending_shards']} shard(s) of other ranks still missing: "

@@ -7,6 +7,8 @@ workers fetch whole micro-batches.
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -64,6 +66,14 @@ class GlobalBatchSampler:
             start += self.gbs
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGUSR1 / SIGINT to their rank. SLURM and `kill` signal every
+    process of a job: a worker dying of it would take the rank down ("DataLoader worker killed by
+    signal") before it saves; ignoring them, the workers live until the rank has saved and exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class SodaDataLoader:
     """Iterates this rank's micro-batches; `state_dict()` goes into every checkpoint."""
 
@@ -94,6 +104,7 @@ class SodaDataLoader:
             collate_fn=_collated,
             prefetch_factor=4 if self.num_workers else None,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_stop_signals,
         )
         for batch in loader:
             # every DP rank takes one micro-batch at a time in lockstep: the global position moves
@@ -106,7 +117,7 @@ class SodaDataLoader:
         return {"consumed_samples": self.consumed_samples, "fingerprint": self.dataset.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("fingerprint") != self.dataset.fingerprint():
+        if state.get("fingerprint") not in (self.dataset.fingerprint(), self.dataset.fingerprint(legacy=True)):
             raise ValueError(
                 "data loader state was saved for other data (shard sets, weights, seed or block differ): "
                 f"checkpoint {state.get('fingerprint')} vs now {self.dataset.fingerprint()}"

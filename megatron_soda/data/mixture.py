@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,8 +77,18 @@ class MixtureDataset(Dataset):
             s.index.check_compatible(layout or first.layout, seq_len or first.seq_len)
         self.layout = layout or first.layout
         self.seq_len = first.seq_len
+        self.names = cfg.names or [Path(p).name for p in cfg.paths]
+        if cfg.weights is not None and len(cfg.weights) != len(self.sets):
+            sources = ", ".join(f"{n} {w:g}" for n, w in zip(self.names, cfg.weights, strict=False))
+            raise ValueError(
+                f"data.weights has {len(cfg.weights)} weights ({sources}) for {len(self.sets)} data.paths: give one "
+                "path per source, in this order, or set data.weights (and data.names) for your own mixture"
+            )
+        if len(self.names) != len(self.sets):
+            raise ValueError(f"data.names has {len(self.names)} names for {len(self.sets)} data.paths")
+        self.by_size = cfg.weights is None
         weights = cfg.weights if cfg.weights is not None else [len(s) for s in self.sets]
-        if len(weights) != len(self.sets) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(
                 f"data.weights: expected {len(self.sets)} non-negative weights with a positive sum, got {weights}"
             )
@@ -86,10 +97,25 @@ class MixtureDataset(Dataset):
         self.counts = _block_counts(self.weights, self.block)
         self.pad_input = self.layout.eos_id
 
-    def fingerprint(self) -> str:
-        """Identity of the sample order: resuming under another one would silently change the data."""
+    def describe(self) -> str:
+        """The mixture as trained, for the log (and a word when it was not asked for)."""
+        parts = ", ".join(f"{n} {c / self.block:.1%}" for n, c in zip(self.names, self.counts, strict=True))
+        if self.by_size and len(self.sets) > 1:
+            return f"{parts} (by size: data.weights not set; the paper's mixture is set in the soda-* presets)"
+        return parts
+
+    def fingerprint(self, legacy: bool = False) -> str:
+        """Identity of the sample order: resuming under another one would silently change the data.
+        A set is identified by its content (its index's shard records), not by how its path is
+        spelled or where it was copied; `legacy`: the path-based identity of older checkpoints."""
+
+        def identity(s: ShardSet) -> str:
+            if legacy:
+                return str(s.root)
+            return hashlib.sha256(json.dumps(s.index.shards, sort_keys=True).encode()).hexdigest()[:16]
+
         desc = {
-            "sets": [[str(s.root), len(s), s.index.layout.fingerprint()] for s in self.sets],
+            "sets": [[identity(s), len(s), s.index.layout.fingerprint()] for s in self.sets],
             "counts": self.counts.tolist(),
             "seed": self.cfg.seed,
             "block": self.block,

@@ -35,6 +35,7 @@ class ShardSet:
         self.vocab_size = self.index.layout.vocab_size
         self.skip_corrupt = skip_corrupt
         self.skipped_shards: list[str] = []
+        self.skipped_samples = 0
         self.rows = self.index.rows  # 2: a loss-mask row follows the ids (fine-tuning sets)
         self._header = self.index.npy_header()
         self._data_bytes = self.rows * self.width * self.dtype.itemsize
@@ -47,6 +48,7 @@ class ShardSet:
                 shards.append(rec)
             elif skip_corrupt:
                 self.skipped_shards.append(problem)
+                self.skipped_samples += rec["samples"]
             else:
                 raise ShardReadError(problem + " (pass skip_corrupt / --data.skip_corrupt true to leave it out)")
         if not shards:

@@ -74,6 +74,10 @@ def resolve_fast_paths(cfg: SodaConfig, cuda: bool) -> FastPaths:
     for name, (_, _, options) in IMPL_CHOICES.items():
         value = impl_setting(cfg, name)
         chosen[name] = (options[0] if cuda and auto_fast(name, cfg) else options[1]) if value == "auto" else value
+    if cfg.optim.cautious:
+        if chosen["adam"] == "fused" and cfg.optim.adam_impl == "fused":
+            raise ConfigError("optim.adam_impl fused cannot apply optim.cautious's mask: use foreach or auto")
+        chosen["adam"] = "foreach"
     if chosen["cuda_graph"] != "none":
         where = "parallel.cuda_graph full_iteration"
         if not cuda:

@@ -24,21 +24,26 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     return {"non_embedding": non_embedding, "embedding": embedding, "label": non_embedding + embedding, "total": total}
 
 
-def flops_per_token(m: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token = 3 x forward (backward = 2 x forward).
-
-    Forward: 2 x every matmul weight (QKV, attention output, SwiGLU's three, LM head over the real
-    vocabulary) plus attention scores and values, 2 x 2 x seq x (heads x head_dim) per layer, counted
-    over the full (not causally halved) score matrix as PaLM, torchtitan and Levanter (the paper's
-    IsoFLOP accounting) do. The embedding lookup is free. Activation recomputation is not counted
-    (MFU counts useful work).
+def forward_flops_per_token(m: ModelConfig, seq_length: int, softmax: bool = False) -> float:
+    """Forward FLOPs per token: 2 x every matmul weight (QKV, attention output, SwiGLU's three, LM
+    head over the real vocabulary) plus attention scores and values, 2 x 2 x seq x (heads x head_dim)
+    per layer, counted over the full (not causally halved) score matrix as PaLM, torchtitan and
+    Levanter do. The embedding lookup is free. `softmax` adds Levanter's 3 x seq x heads per layer for
+    the mask and softmax: the SODA IsoFLOP sweep counted it, and its budgets only come out right with it.
     """
     d, hd, L = m.hidden_size, m.head_dim, m.num_layers
     attn_proj = d * hd * (m.num_attention_heads + 2 * m.num_query_groups) + m.num_attention_heads * hd * d
     mlp = 3 * d * m.ffn_hidden_size
     matmul = L * (attn_proj + mlp) + d * m.vocab_size
     attn_scores = L * 2 * 2 * seq_length * m.num_attention_heads * hd
-    return 3.0 * (2.0 * matmul + attn_scores)
+    mask = L * 3 * seq_length * m.num_attention_heads if softmax else 0
+    return 2.0 * matmul + attn_scores + mask
+
+
+def flops_per_token(m: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token = 3 x forward (backward = 2 x forward). Activation recomputation is
+    not counted (MFU counts useful work)."""
+    return 3.0 * forward_flops_per_token(m, seq_length)
 
 
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "L40S": 362.0}

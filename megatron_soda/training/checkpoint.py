@@ -12,6 +12,7 @@ A save writes the hidden directory, waits for every rank, renames it and only th
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -136,8 +137,10 @@ class Checkpointer:
 
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        latest = (self.root / "latest").read_text().strip() if (self.root / "latest").is_file() else None
+        for old in done[: max(0, len(done) - max(1, self.keep_last))]:
+            if old.name != latest:  # what a resume reads is never pruned
+                shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".iter_*.tmp"):  # saves a crash interrupted; none is in flight now
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -189,6 +192,7 @@ def _restore_adam_step(optimizer, loaded_state) -> None:
 
 def load(path: Path, chunks, optimizer) -> dict:
     """Restore model and optimizer (and RNG when the layout is unchanged); returns the common state."""
+    check_metadata(path)
     common = dist_checkpointing.load_common_state_dict(str(path))["common"]
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
@@ -219,6 +223,45 @@ def load(path: Path, chunks, optimizer) -> dict:
     return common
 
 
+# What a checkpoint's `.metadata` (torch distributed checkpoint, a pickle) may name: its own metadata
+# classes, torch.Size, dtypes and layouts, a few containers. Anything else is code a crafted file
+# would run when torch unpickles it, so it is refused before torch reads the file.
+SAFE_PICKLE_GLOBALS = {
+    ("torch", "Size"),
+    ("torch._utils", "_get_layout"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (
+            (module, name) in SAFE_PICKLE_GLOBALS
+            or module.startswith("torch.distributed.checkpoint.")
+            or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def check_metadata(path: Path) -> None:
+    """Read `path/.metadata` with the allow-listing unpickler above; a CheckpointError names what
+    it refused. torch's own reader (plain pickle) only sees files that passed."""
+    meta = path / ".metadata"
+    if not meta.is_file():
+        return  # megatron's reader reports a missing file itself
+    try:
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001  (a malformed or crafted file: either way not loaded)
+        raise CheckpointError(f"{meta}: refusing to load it: {e}") from None
+
+
 def resolve(path: str | Path) -> Path:
     """A run directory, its checkpoints/ directory or one iter_* directory -> that checkpoint."""
     path = Path(path)
@@ -228,6 +271,7 @@ def resolve(path: str | Path) -> Path:
         path = path / (path / "latest").read_text().strip()
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
+    check_metadata(path)
     return path
 
 

@@ -23,6 +23,7 @@ from megatron_soda.config import (
     SodaConfig,
     UserError,
     load_config,
+    paper_peak_lr,
     save_config,
     validate,
 )
@@ -80,6 +81,7 @@ def train(cfg: SodaConfig) -> dict:
     t = cfg.train
 
     dataset = MixtureDataset(cfg.data, seq_len=t.seq_length)
+    check_skipped_shards(dataset, cfg.data.max_corrupt_fraction, rank0)
     layout = dataset.layout
     if cfg.model.vocab_size == 0:  # "take it from the shards": resolved here, saved in config.yaml
         cfg.model.vocab_size = layout.vocab_size
@@ -90,8 +92,6 @@ def train(cfg: SodaConfig) -> dict:
         )
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        save_fast_paths(fp, run_dir / "fast_paths.yaml")
     dist.barrier()
 
     trainer = Trainer(cfg, device, fp, layout, dp)
@@ -100,8 +100,11 @@ def train(cfg: SodaConfig) -> dict:
     resume_from = ckpt.latest(run_dir) if cfg.checkpoint.resume else None
     if resume_from is None and cfg.checkpoint.init_from:
         ckpt.load_weights(cfg.checkpoint.init_from, trainer.modules)
+    corrupt_before = 0  # corrupt samples read before this process (carried by the checkpoint)
     if resume_from is not None:
+        check_same_model(cfg, ckpt.common_state(resume_from), resume_from)
         common = ckpt.load(resume_from, trainer.modules, trainer.optimizer)
+        corrupt_before = int(common["data"].get("corrupt_samples", 0))
         trainer.load_state_dict(common)
         loader.load_state_dict(common["data"])
         if rank0:
@@ -109,8 +112,19 @@ def train(cfg: SodaConfig) -> dict:
                 "resumed from %s at step %d (%d samples consumed)", resume_from, trainer.step, loader.consumed_samples
             )
 
+    if rank0:  # only now: a refused resume leaves the run's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
+        save_fast_paths(fp, run_dir / "fast_paths.yaml")
+
+    def corrupt_samples() -> int:
+        """Corrupt samples read so far by every rank (a collective)."""
+        v = torch.tensor([float(loader.corrupt_samples)], device=device)
+        dist.all_reduce(v)
+        return corrupt_before + int(v.item())
+
     def save() -> Path:
-        common = {**trainer.state_dict(), "data": loader.state_dict(), "config": cfg.to_dict()}
+        data_state = {**loader.state_dict(), "corrupt_samples": corrupt_samples()}
+        common = {**trainer.state_dict(), "data": data_state, "config": cfg.to_dict()}
         path = checkpointer.save(trainer.step, trainer.modules, trainer.optimizer, common)
         if rank0:
             save_config(cfg, run_dir / "checkpoints" / "config.yaml")
@@ -128,9 +142,17 @@ def train(cfg: SodaConfig) -> dict:
             cfg.parallel.pp,
             dp,
         )
+        log.info(
+            "peak LR %g (the paper's rule 0.003 x sqrt(batch %d / 256) x sqrt(1024 / width %d) gives %g)",
+            cfg.optim.lr,
+            t.global_batch_size,
+            cfg.optim.lr_rule_width or cfg.model.hidden_size,
+            paper_peak_lr(cfg),
+        )
+        (log.warning if dataset.by_size and len(dataset.sets) > 1 else log.info)("data: %s", dataset.describe())
     flops_tok = flops_per_token(cfg.model, t.seq_length)
     peak = peak_tflops(t.peak_tflops)
-    metrics = MetricsLog(run_dir, cfg, rank0)
+    metrics = MetricsLog(run_dir, cfg, rank0, start_step=trainer.step)
     preempt = Preemption()
     val_data = None
     if t.eval_interval and cfg.data.val_paths:
@@ -176,6 +198,9 @@ def train(cfg: SodaConfig) -> dict:
             val = SodaDataLoader(val_data, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp, 0)
             row["val_loss"] = trainer.evaluate(iter(val), t.eval_batches)  # always the same first batches
         if step % t.log_interval == 0 or step == t.steps:
+            if cfg.data.skip_corrupt:
+                row["corrupt_samples"] = corrupt_samples()
+                check_corrupt_fraction(row["corrupt_samples"], loader.consumed_samples, cfg.data, last_saved)
             metrics.write(step, row)
             if rank0:
                 bar.set_postfix_str(f"loss {row['loss']:.4f} lr {row['lr']:.2e} {tokens_per_s:,.0f} tok/s")
@@ -197,7 +222,54 @@ def train(cfg: SodaConfig) -> dict:
         "checkpoint": str(last_saved),
         "skipped_steps": trainer.skipped_steps,
         "preempted": trainer.step < t.steps,
+        "corrupt_samples": corrupt_samples(),
+        "skipped_shards": sum(len(s.skipped_shards) for s in dataset.sets),
     }
+
+
+SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "head_dim", "ffn_hidden_size")
+
+
+def check_same_model(cfg: SodaConfig, common: dict, path) -> None:
+    """Resuming needs the model the checkpoint holds: a different shape is one line, not megatron's
+    shape-mismatch traceback."""
+    saved = common.get("config", {}).get("model", {})
+    diff = [
+        f"model.{k} {getattr(cfg.model, k)} (checkpoint: {saved[k]})"
+        for k in (*SHAPE_KEYS, "vocab_size", "tie_embeddings")
+        if k in saved and saved[k] != getattr(cfg.model, k)
+    ]
+    if diff:
+        raise ConfigError(
+            f"{path} holds another model than this run asks for: {', '.join(diff)}; resume with the "
+            "checkpoint's settings, or start a new run (another --run-dir, or --checkpoint.init_from for weights)"
+        )
+
+
+def check_skipped_shards(dataset: MixtureDataset, max_fraction: float, rank0: bool) -> None:
+    """Shards left out (data.skip_corrupt) are named in the log; too many of them stop the run."""
+    skipped = [p for s in dataset.sets for p in s.skipped_shards]
+    if not skipped:
+        return
+    lost = sum(s.skipped_samples for s in dataset.sets)
+    total = lost + sum(len(s) for s in dataset.sets)
+    if rank0:
+        log.warning("data.skip_corrupt: %d shard(s), %d of %d samples, left out:", len(skipped), lost, total)
+        for problem in skipped:
+            log.warning("  %s", problem)
+    if lost / total > max_fraction:
+        raise TrainingStopped(
+            f"data: {lost} of {total} samples are in corrupt shards ({lost / total:.1%} > "
+            f"data.max_corrupt_fraction {max_fraction:.1%}); the warnings above name them"
+        )
+
+
+def check_corrupt_fraction(corrupt: int, consumed: int, data: DataConfig, last_saved) -> None:
+    if consumed and corrupt / consumed > data.max_corrupt_fraction:
+        raise TrainingStopped(
+            f"data: {corrupt} of the {consumed} samples read so far were corrupt ({corrupt / consumed:.1%} > "
+            f"data.max_corrupt_fraction {data.max_corrupt_fraction:.1%}); last good checkpoint: {last_saved or 'none'}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from megatron_soda.config import SodaConfig
@@ -12,13 +13,31 @@ from megatron_soda.config import SodaConfig
 log = logging.getLogger("soda")
 
 
+def _step(line: str) -> int | None:
+    """A metrics line's step; None for a line a crash cut short."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path, cfg: SodaConfig, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: SodaConfig, enabled: bool, start_step: int = 0) -> None:
+        """`start_step`: the step training resumes after; rows logged past it by the interrupted run
+        (steps done after its last checkpoint, redone now) are dropped, so each step appears once."""
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
             return
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            kept = [ln for ln in lines if _step(ln) is not None and _step(ln) <= start_step]
+            if len(kept) != len(lines):
+                tmp = path.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                os.replace(tmp, path)
+        self.file = open(path, "a")
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

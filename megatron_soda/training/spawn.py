@@ -9,6 +9,7 @@ megatron_soda.training`.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,14 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
     ]
 
 
+# torchrun forwards these to the ranks (which save and stop on SIGTERM / SIGUSR1). torch >= 2.8's
+# torchrun takes them from --signals-to-handle (default from PET_SIGNALS_TO_HANDLE) and overwrites
+# TORCHELASTIC_SIGNALS_TO_HANDLE, which older versions read: both are set, for every supported torch.
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SIGNAL_ENV = {"PET_SIGNALS_TO_HANDLE": SIGNALS_TO_HANDLE, "TORCHELASTIC_SIGNALS_TO_HANDLE": SIGNALS_TO_HANDLE}
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # SIGINT: a terminal sends it to all already
+
+
 def launched() -> bool:
     """This process is already one rank of a launched job (torchrun or srun)."""
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
@@ -57,9 +66,26 @@ def train(nproc: int, args: list[str], log_file: Path | None = None) -> int:
         return main(args)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one host share its cores
+    env.update({k: env.get(k, v) for k, v in SIGNAL_ENV.items()})
     cmd = torchrun_command(nproc, args) if nproc > 1 else [sys.executable, "-m", "megatron_soda.training", *args]
     if log_file is None:
-        return subprocess.call(cmd, env=env)
+        return run_forwarding(cmd, env)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as f:
-        return subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        return run_forwarding(cmd, env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_forwarding(cmd: list[str], env: dict, **kw) -> int:
+    """Run the child to its end, passing it the signals a scheduler or a user sends this process:
+    this wrapper is what they see, and the ranks must get the chance to save, not be orphaned."""
+    proc = subprocess.Popen(cmd, env=env, **kw)
+
+    def forward(signum, frame) -> None:
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_soda.config import SodaConfig
 from megatron_soda.model.fast_paths import FastPaths, install
+from megatron_soda.model.init import layout_invariant_init
 from megatron_soda.parallel.setup import synchronize
 from megatron_soda.tokenization.vocab import SodaLayout
 from megatron_soda.training.optimizer import build_optimizer, build_scheduler
@@ -44,6 +45,8 @@ class Trainer:
         dtype = torch.bfloat16 if cuda else torch.float32
         installed = install(fp)
         self.modules, path = build_model(cfg.model, cfg.parallel, dtype, cuda, fp)
+        if cfg.model.init == "layout_invariant":
+            layout_invariant_init(self.modules, cfg.model.init_std, cfg.train.seed)
         if dist.get_rank() == 0:
             log.info("layers: %s; %s; %s", path, fp.describe(), "bf16" if cuda else "fp32 (CPU backend)")
             if installed:

@@ -31,10 +31,17 @@ def read_csv(path: str | Path) -> list[dict]:
         for i, r in enumerate(csv.DictReader(f), 2):
             try:
                 rows.append({k: float(r[k]) for k in ("compute", "params", "tokens", "loss")})
-                rows[-1]["flops"] = r.get("flops") or "6nd"
+                rows[-1]["flops"] = r.get("flops") or "paper"
             except (KeyError, ValueError, TypeError):
                 raise ValueError(f"{path}:{i}: expected numeric columns compute, params, tokens, loss") from None
     return rows
+
+
+def _convention(rows: list[dict]) -> str:
+    names = sorted({r.get("flops", "paper") for r in rows})
+    if len(names) == 1 and names[0] in CONVENTIONS:
+        return f"{names[0]}: {CONVENTIONS[names[0]]}"
+    return f"mixed or unknown FLOPs conventions: {names}"
 
 
 def fit_budget(c: float, n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> BudgetFit:
@@ -128,9 +135,8 @@ def fit(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             )
     s = np.array(samples) if samples else np.full((1, 2), np.nan)
     result = {
-        "flops_convention": CONVENTIONS[
-            "attention" if rows and all(r.get("flops") == "attention" for r in rows) else "6nd"
-        ],
+        "flops_convention": _convention(rows),
+        "n_definition": "total parameters incl. both embedding matrices (the runs.csv params column)",
         "n_exponent": a,
         "n_coefficient": ka,
         "d_exponent": bexp,

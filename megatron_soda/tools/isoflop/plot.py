@@ -27,7 +27,7 @@ def plot(rows: list[dict], result: dict, out: Path) -> list[Path]:
         ax.plot(np.exp(x), np.polyval(coef, x), color=color, lw=1)
         ax.plot(b["n_opt"], b["loss_opt"], marker="x" if b["edge"] else "*", color="red", ms=10)
     ax.set_xscale("log")
-    ax.set_xlabel("non-embedding parameters N")
+    ax.set_xlabel("parameters N (total, both embedding matrices)")
     ax.set_ylabel("final validation loss")
     ax.set_title("IsoFLOP curves (red star: fitted minimum; x: flagged edge)", fontsize=9)
     ax.legend(fontsize=7)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_soda.config import UserError
+from megatron_soda.launch.slurm import SlurmJob, render_train, submit
 from megatron_soda.tools.isoflop.fit import fit, predict, read_csv
 from megatron_soda.tools.isoflop.plot import plot
 from megatron_soda.training import spawn
@@ -22,6 +24,9 @@ def write_fit(rows: list[dict], out: Path, bootstrap: int = 200) -> dict:
     return result
 
 
+RUNS_COLUMNS = ["compute", "params", "non_embedding_params", "tokens", "loss", "name", "width", "flops"]
+
+
 def _flatten(d: dict, prefix: str = "") -> list[str]:
     out = []
     for k, v in d.items():
@@ -32,45 +37,75 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run_grid(plan_dir: Path, base_config: str, out: Path, nproc: int, extra: list[str]) -> Path:
-    """Train every planned run that has not finished (resumable), then write runs.csv. Each run's
-    output goes to its run directory's train.log, which a failure names."""
+def run_overrides(plan_dir: Path, row: dict) -> list[str]:
+    """The `soda train` flags of one planned run on top of the base config (what `soda isoflop run`
+    and the SLURM array both pass)."""
     import yaml
+
+    overrides = _flatten(yaml.safe_load((plan_dir / f"{row['name']}.yaml").read_text()))
+    return [*overrides, "--train.eval_interval", str(row["steps"])]
+
+
+def read_plan(plan_dir: Path) -> list[dict]:
+    path = plan_dir / "plan.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: no plan.csv (write one with `soda isoflop plan --out {plan_dir}`)")
+    return list(csv.DictReader(open(path)))
+
+
+def run_grid(plan_dir: Path, base_config: str, out: Path, nproc: int, extra: list[str], task: int = -1) -> Path:
+    """Train every planned run (or only plan row `task`, one SLURM array task's share) that has not
+    finished (resumable), then write runs.csv from every finished run. Each run's output goes to its
+    run directory's train.log, which a failure names."""
     from tqdm import tqdm
 
-    plan_rows = list(csv.DictReader(open(plan_dir / "plan.csv")))
+    plan_rows = read_plan(plan_dir)
+    if task >= len(plan_rows):
+        raise UserError(f"--task {task}: the plan has {len(plan_rows)} runs (0..{len(plan_rows) - 1})")
+    todo = plan_rows if task < 0 else [plan_rows[task]]
+    for r in tqdm(todo, desc="isoflop runs", unit="run", disable=task >= 0):
+        run_dir, steps = out / "runs" / r["name"], int(r["steps"])
+        if _final_val_loss(run_dir, steps) is not None:
+            continue
+        log_file = run_dir / "train.log"
+        args = ["--config", base_config, "--run-dir", str(run_dir), *run_overrides(plan_dir, r), *extra]
+        code = spawn.train(nproc, args, log_file=log_file)
+        if code != 0:
+            raise UserError(f"run {r['name']} failed (exit {code}); its output: {log_file}")
+        if _final_val_loss(run_dir, steps) is None:
+            raise UserError(f"run {r['name']} logged no validation loss (set data.val_paths)")
+    return gather(plan_dir, out)
+
+
+def gather(plan_dir: Path, out: Path) -> Path:
+    """runs.csv from the runs that have finished (an array's tasks each call this; the file is
+    replaced whole, so the last task to finish leaves the complete table)."""
     results = []
-    for r in tqdm(plan_rows, desc="isoflop runs", unit="run"):
-        run_dir = out / "runs" / r["name"]
-        steps = int(r["steps"])
-        done = _final_val_loss(run_dir, steps)
-        if done is None:
-            overrides = _flatten(yaml.safe_load((plan_dir / f"{r['name']}.yaml").read_text()))
-            args = ["--config", base_config, "--run-dir", str(run_dir), *overrides]
-            args += ["--train.eval_interval", str(steps), *extra]
-            log_file = run_dir / "train.log"
-            code = spawn.train(nproc, args, log_file=log_file)
-            if code != 0:
-                raise UserError(f"run {r['name']} failed (exit {code}); its output: {log_file}")
-            done = _final_val_loss(run_dir, steps)
-            if done is None:
-                raise UserError(f"run {r['name']} logged no validation loss (set data.val_paths)")
+    for r in read_plan(plan_dir):
+        loss = _final_val_loss(out / "runs" / r["name"], int(r["steps"]))
+        if loss is None:
+            continue
         results.append(
             {
                 "compute": float(r["compute"]),
                 "params": int(r["params"]),
+                "non_embedding_params": int(r.get("non_embedding_params") or 0),
                 "tokens": int(r["tokens"]),
-                "loss": done,
+                "loss": loss,
                 "name": r["name"],
                 "width": int(r["width"]),
-                "flops": r.get("flops", "6nd"),
+                "flops": r.get("flops", "paper"),
             }
         )
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(results[0]))
+    tmp = path.with_name(f".runs.csv.{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RUNS_COLUMNS)
         w.writeheader()
         w.writerows(results)
+    os.replace(tmp, path)
+    print(f"{len(results)} of {len(read_plan(plan_dir))} planned runs finished -> {path}")
     return path
 
 
@@ -88,19 +123,48 @@ class RunConfig:
     base_config: str = field(metadata={"help": "data, device and the rest of each run's config"})
     out: str
     nproc: int = 1
+    task: int = field(default=-1, metadata={"help": "train only this plan row (a SLURM array task); -1: all"})
+    gather: bool = field(default=False, metadata={"help": "only write runs.csv from the finished runs"})
 
 
 def run_job(cfg: RunConfig, extra: list[str]) -> Path:
     """`soda isoflop run`: train the planned grid (resumable) and write runs.csv; extra
     --section.key value flags go to every run."""
-    path = run_grid(Path(cfg.plan), cfg.base_config, Path(cfg.out), cfg.nproc, extra)
-    print(f"runs -> {path}; fit with: soda isoflop fit --csv {path} --out {cfg.out}")
+    if cfg.gather:
+        path = gather(Path(cfg.plan), Path(cfg.out))
+    else:
+        path = run_grid(Path(cfg.plan), cfg.base_config, Path(cfg.out), cfg.nproc, extra, cfg.task)
+    print(f"fit with: soda isoflop fit --csv {path} --out {cfg.out}")
     return path
 
 
 @dataclass
+class IsoflopArray(SlurmJob):
+    """`soda launch isoflop`: --config is the base config of every run, --run-dir the study's directory."""
+
+    plan: str = field(default="", metadata={"help": "the directory `soda isoflop plan` wrote"})
+
+
+def launch_array_job(job: IsoflopArray, extra: list[str]) -> None:
+    """`soda launch isoflop`: sbatch the planned grid as a job array, one preemption-safe run per task
+    (a requeued task resumes its run); each finished task rewrites runs.csv from every finished run."""
+    if not job.plan:
+        raise UserError("--plan: the directory `soda isoflop plan` wrote")
+    plan_dir, out = Path(job.plan), Path(job.run_dir)
+    job.overrides = list(extra)
+    array = [(str(out / "runs" / r["name"]), run_overrides(plan_dir, r)) for r in read_plan(plan_dir)]
+    after = ["isoflop", "run", "--plan", job.plan, "--base-config", job.config, "--out", job.run_dir, "--gather"]
+    script = render_train(job, array, after)
+    path = out / "slurm" / "isoflop.sbatch"
+    if job.dry_run:
+        print(script)
+    else:
+        print(f"submitted {path} ({len(array)} array tasks) as job {submit(script, path)}")
+
+
+@dataclass
 class FitConfig:
-    csv: str = field(metadata={"help": "columns compute, params (non-embedding N), tokens, loss"})
+    csv: str = field(metadata={"help": "columns compute, params (total N), tokens, loss"})
     out: str
     bootstrap: int = 500
     predict: list[float] = field(
