@@ -36,8 +36,8 @@ def _tensor_source(folder: Path):
     handles = {}
 
     def get(name: str) -> torch.Tensor:
-        if name not in weight_map:
-            raise KeyError(f"{folder}: tensor {name} missing (not a Qwen3 checkpoint?)")
+        if name not in weight_map:  # e.g. config.json says more layers than the weights hold
+            raise ValueError(f"{folder}: tensor {name} missing: the weights do not match config.json")
         fname = weight_map[name]
         if fname not in handles:
             path = folder / fname

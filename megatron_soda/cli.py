@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import MISSING
 
-from megatron_soda.config import USER_ERRORS
+from megatron_soda.config import USER_ERRORS, quiet_library_warnings
 
 # name -> (module, config class, job function, help, extra flags go to the job). Nested dicts are
 # subcommand groups. Modules are imported only for the command that runs.
@@ -276,6 +276,7 @@ def train_command(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_library_warnings()  # before anything imports megatron-core (building the parser does)
     if argv and argv[0] == "train":
         return train_command(argv[1:])
     if argv and argv[0] == "finetune":
@@ -298,11 +299,6 @@ def main(argv: list[str] | None = None) -> int:
         spec_of = spec_of[name]
     passes_rest = isinstance(spec_of, tuple) and spec_of[4]
     args, rest = parser.parse_known_args(argv) if passes_rest else (parser.parse_args(argv), [])
-    import warnings
-
-    # megatron-core warns at import about missing TE/apex (the CPU fallback is intended here)
-    warnings.filterwarnings("ignore", module=r"megatron\.core.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
     module, cls_name, fn_name, _, _ = args._spec
     mod = importlib.import_module(module)
     job = getattr(mod, fn_name)

@@ -41,6 +41,7 @@ class DataConfig:
     seed: int = 1234
     num_workers: int = 2
     skip_corrupt: bool = False
+    verify_checksums: bool = True  # each sample read is checked against its CRC-32 (soda bench loader: the cost)
     max_corrupt_fraction: float = 0.01  # with skip_corrupt: stop when more of the data read so far is corrupt
     blend_block: int = 4096  # mixture proportions are exact within every block of this many samples
 
@@ -254,6 +255,18 @@ def config_from_dict(values: dict) -> SodaConfig:
     cfg = SodaConfig()
     _fill(cfg, values, "")
     return _resolve(cfg)
+
+
+def quiet_library_warnings() -> None:
+    """The one place that silences what a user cannot act on: megatron-core's (and its bundled
+    megatron_fsdp's) import-time notes that TE / apex are missing (the torch fallbacks are intended),
+    its CUDA-only settings on the CPU backend, and deprecations inside libraries."""
+    import warnings
+
+    for module in (r"megatron\.core.*", r"megatron_fsdp.*", r"megatron\.core\.distributed\.fsdp.*"):
+        warnings.filterwarnings("ignore", module=module)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def paper_peak_lr(cfg: SodaConfig) -> float:

@@ -14,7 +14,7 @@ from megatron_soda.tokenization.prepare import PrepareConfig, prepare
 from megatron_soda.tokenization.shard_format import index_entry, write_index
 from megatron_soda.tokenization.shards import write_shard
 from megatron_soda.tokenization.text_tokenizer import extend_tokenizer, save_tokenizer, train_tiny_bpe
-from megatron_soda.tokenization.tiny_corpus import make_corpus
+from megatron_soda.tokenization.tiny_corpus import make_corpus, make_s2st_corpus
 from megatron_soda.tokenization.vocab import SodaLayout
 
 
@@ -35,6 +35,13 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def codec() -> MimiCodec:
     return MimiCodec(random_mimi(0), name="random:0")
+
+
+@pytest.fixture(scope="session")
+def s2st_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s2st")
+    make_s2st_corpus(root, num_pairs=8, seed=3)
+    return root
 
 
 def prepare_config(inputs: list, output: Path, tokenizer_dir: Path, **kw) -> PrepareConfig:
@@ -69,3 +76,25 @@ def synthetic_set(
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# The longest files first: `make test` hands whole files to two xdist workers in collection order,
+# so starting the long ones first keeps one worker from finishing a long file alone at the end.
+LONGEST_FIRST = ["test_train", "test_launch", "test_finetune", "test_eval", "test_signals", "test_hf", "test_kernels"]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    def rank(item) -> int:
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file is kept
+
+
+def pytest_configure(config) -> None:
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each in-process
+        import torch
+
+        torch.set_num_threads(1)

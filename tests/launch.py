@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
 
+# the fast paths that run on the CPU backend too (fused AdamW, weight gradients into main_grad)
+FUSED = ("--optim.adam_impl", "fused", "--model.wgrad_impl", "main_grad")
+
+
 def train_cmd(run_dir: Path, shards: Path, nproc: int = 1, *overrides: str) -> list[str]:
     return [
         sys.executable,

@@ -4,7 +4,7 @@ import pytest
 from megatron_soda.config import DataConfig
 from megatron_soda.data.loader import SodaDataLoader, split_batch
 from megatron_soda.data.mixture import MixtureDataset, feistel_permute
-from megatron_soda.data.shard_set import ShardReadError
+from megatron_soda.data.shard_set import ShardReadError, ShardSet
 from megatron_soda.tokenization.vocab import LayoutMismatchError, SodaLayout
 from tests.conftest import synthetic_set
 
@@ -166,3 +166,26 @@ def test_padding_is_masked():
     assert out["tokens"].tolist() == [[5, 6, 7, 1]]
     assert out["labels"].tolist() == [[6, 7, 0, 0]]
     assert out["loss_mask"].tolist() == [[1, 1, 0, 0]]
+
+
+def test_a_changed_id_that_stays_in_the_vocabulary_fails_its_checksum(tmp_path, capsys):
+    from megatron_soda.tokenization.shard_format import sample_span
+    from megatron_soda.tools.inspect import verify_set
+
+    written = synthetic_set(tmp_path / "s", [4], seq_len=8)
+    clean = ShardSet(tmp_path / "s")
+    assert verify_set(str(tmp_path / "s")) == 4 and "with checksums" in capsys.readouterr().out
+    rec = clean.shards[0]
+    span = sample_span(rec, 2, len(clean._header), clean._data_bytes)
+    path = tmp_path / "s" / rec["file"]
+    raw = bytearray(path.read_bytes())
+    at = span.start + span.data_at
+    item = clean.dtype.itemsize
+    new_id = (int(written[2][0]) + 1) % clean.vocab_size  # still a valid id: only the checksum can tell
+    raw[at : at + item] = np.array([new_id], dtype=clean.dtype).tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardReadError, match="sample 2: checksum mismatch"):
+        ShardSet(tmp_path / "s").read(2)
+    assert int(ShardSet(tmp_path / "s", verify=False).read(2)[0][0]) == new_id  # unchecked, it trains silently
+    with pytest.raises(ShardReadError, match="1 bad of 4 samples"):
+        verify_set(str(tmp_path / "s"))

@@ -190,6 +190,18 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing_behind(trained, tmp_pa
     assert r.returncode != 0 and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
+    # an HF folder whose config.json says more layers than its weights hold
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
+    Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=2, head_dim=8, **small)).save_pretrained(str(tmp_path / "short"))
+    cfg = json.loads((tmp_path / "short" / "config.json").read_text())
+    cfg.pop("layer_types", None)  # as configs written by other tools: only the weights can disagree
+    (tmp_path / "short" / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3}))
+    r = soda("import-hf", str(tmp_path / "short"), str(tmp_path / "y"), check=False)
+    assert r.returncode == 2 and "model.layers.2." in r.stderr and "do not match config.json" in r.stderr, r.stderr
+    assert not (tmp_path / "y").exists()
+
     # a crafted checkpoint whose .metadata pickle would run a command is refused before torch reads it
     import pickle
 

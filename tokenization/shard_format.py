@@ -11,7 +11,9 @@ Fine-tuning shard sets (index field `loss_mask: true`) store each sample as a [2
 array: the ids, then a 0/1 row saying which tokens are targets (the loss skips the rest).
 
 A shard's `.json` sidecar appears only after the shard is complete: a shard without its sidecar is
-unfinished.
+unfinished. Beside each shard, `<shard>.crc32` holds one CRC-32 per sample (little-endian uint32,
+over the sample's array bytes): a flipped byte that still decodes to valid ids is caught on read.
+Sets written before checksums existed have none and are read unchecked.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +84,38 @@ def sample_span(record: dict, k: int, header_bytes: int, data_bytes: int) -> Sam
     return SampleSpan(data_offset - head, head + data_bytes, head, name)
 
 
+def checksum(data: bytes | memoryview) -> int:
+    """A sample's CRC-32 (zlib's: ~1 GB/s, so every read can afford it)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def checksums_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".crc32")
+
+
+def write_checksums(shard: Path, samples: list[np.ndarray]) -> str:
+    values = np.array([checksum(np.ascontiguousarray(s).tobytes()) for s in samples], dtype="<u4")
+    path = checksums_path(shard)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    values.tofile(tmp)
+    os.replace(tmp, path)
+    return path.name
+
+
+def read_checksums(root: Path, record: dict) -> np.ndarray | None:
+    """A shard's per-sample checksums (None: written before checksums; an error: file missing or short)."""
+    name = record.get("checksums")
+    if not name:
+        return None
+    path = root / name
+    if not path.is_file() or path.stat().st_size != 4 * record["samples"]:
+        raise ShardFormatError(f"{path}: missing or not {record['samples']} checksums")
+    return np.fromfile(path, dtype="<u4")
+
+
 def index_entry(record: dict) -> dict:
     """The part of a shard's sidecar that the index keeps (statistics stay in the sidecar)."""
-    keys = ("file", "key_prefix", "samples", "tokens", "pad_tokens", "bytes", "data_offset", "stride")
+    keys = ("file", "key_prefix", "samples", "tokens", "pad_tokens", "bytes", "data_offset", "stride", "checksums")
     return {k: record[k] for k in keys if k in record}
 
 

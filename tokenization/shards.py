@@ -22,6 +22,7 @@ from megatron_soda.tokenization.shard_format import (
     npy_bytes,
     npy_header,
     sidecar_path,
+    write_checksums,
 )
 from megatron_soda.tokenization.vocab import SodaLayout
 
@@ -103,6 +104,7 @@ def write_shard(path: Path, samples: list[np.ndarray], shard_id: int, stats: dic
         f.flush()
         os.fsync(f.fileno())
     record = dict(stats, file=path.name, key_prefix=f"{shard_id:06d}", samples=len(samples), bytes=tmp.stat().st_size)
+    record["checksums"] = write_checksums(path, samples)
     if samples:
         data_offset, stride, n = _member_offsets(tmp, samples[0].shape, samples[0].dtype)
         if n != len(samples):

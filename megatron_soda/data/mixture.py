@@ -71,7 +71,7 @@ class MixtureDataset(Dataset):
         if not cfg.paths:
             raise ValueError("data.paths: no shard sets given")
         self.cfg = cfg
-        self.sets = [ShardSet(p, cfg.skip_corrupt) for p in cfg.paths]
+        self.sets = [ShardSet(p, cfg.skip_corrupt, cfg.verify_checksums) for p in cfg.paths]
         first = self.sets[0].index
         for s in self.sets:
             s.index.check_compatible(layout or first.layout, seq_len or first.seq_len)

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from megatron_soda.config import UserError
-from megatron_soda.tokenization.shard_format import ShardFormatError, ShardIndex, read_index, sample_span
+from megatron_soda.tokenization.shard_format import (
+    ShardFormatError,
+    ShardIndex,
+    checksum,
+    read_checksums,
+    read_index,
+    sample_span,
+)
 
 
 class ShardReadError(UserError, RuntimeError):
@@ -26,7 +33,8 @@ class ShardReadError(UserError, RuntimeError):
 class ShardSet:
     """Random access to the samples of one `soda prepare` output directory."""
 
-    def __init__(self, root: str | Path, skip_corrupt: bool = False) -> None:
+    def __init__(self, root: str | Path, skip_corrupt: bool = False, verify: bool = True) -> None:
+        """`verify`: check each sample read against its shard's CRC-32 (when the set has them)."""
         self.index: ShardIndex = read_index(root)
         self.root = self.index.root
         self.width = self.index.width
@@ -34,6 +42,9 @@ class ShardSet:
         self.sentinel = self.index.layout.pad_sentinel
         self.vocab_size = self.index.layout.vocab_size
         self.skip_corrupt = skip_corrupt
+        self.verify = verify
+        self.last_problem = ""  # the latest sample skip_corrupt replaced, and why
+        self._checksums: dict[int, np.ndarray | None] = {}
         self.skipped_shards: list[str] = []
         self.skipped_samples = 0
         self.rows = self.index.rows  # 2: a loss-mask row follows the ids (fine-tuning sets)
@@ -78,6 +89,12 @@ class ShardSet:
             fd = self._fds[shard] = os.open(self.root / self.shards[shard]["file"], os.O_RDONLY)
         return fd
 
+    def _checksum_ok(self, shard: int, j: int, raw: bytes, data_at: int) -> bool:
+        if shard not in self._checksums:
+            self._checksums[shard] = read_checksums(self.root, self.shards[shard])
+        expected = self._checksums[shard]
+        return expected is None or checksum(memoryview(raw)[data_at:]) == int(expected[j])
+
     def locate(self, k: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.cumulative, k, side="right"))
         start = int(self.cumulative[shard - 1]) if shard else 0
@@ -108,9 +125,12 @@ class ShardSet:
                 problem = f"ids outside the vocabulary (max {int(tokens[bad].max())})"
             elif mask is not None and (mask > 1).any():
                 problem = "loss mask holds values other than 0/1"
+            elif self.verify and not self._checksum_ok(shard, j, raw, span.data_at):
+                problem = "checksum mismatch (bytes changed since `soda prepare` wrote them)"
         if problem is None:
             return tokens, mask, False
         msg = f"{self.root / rec['file']}: sample {j}: {problem}"
         if not self.skip_corrupt:
             raise ShardReadError(msg)
+        self.last_problem = msg
         return np.full(self.width, self.sentinel, dtype=self.dtype), None, True

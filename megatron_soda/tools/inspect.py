@@ -11,9 +11,28 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_soda.data.shard_set import ShardSet
+from megatron_soda.data.shard_set import ShardReadError, ShardSet
 from megatron_soda.tokenization.codec import MIMI_FRAME_RATE
 from megatron_soda.tokenization.vocab import SodaLayout
+
+
+def verify_set(path: str) -> int:
+    """Read every sample (header, ids, checksum); print each bad one; a UserError when any is bad."""
+    from tqdm import tqdm
+
+    s = ShardSet(path, skip_corrupt=True)  # skip_corrupt: go on past a bad sample, counting it
+    bad = list(s.skipped_shards)
+    for problem in bad:
+        print(f"bad shard: {problem}")
+    for k in tqdm(range(len(s)), desc="verify", unit="sample", mininterval=2):
+        if s.read_masked(k)[2]:
+            bad.append(s.last_problem)
+            print(f"bad sample: {s.last_problem}")
+    checked = "with checksums" if any(r.get("checksums") for r in s.shards) else "no checksums (an older set)"
+    if bad:
+        raise ShardReadError(f"{path}: {len(bad)} bad of {len(s)} samples / {len(s.index.shards)} shards ({checked})")
+    print(f"{path}: all {len(s)} samples of {len(s.shards)} shards read back intact ({checked})")
+    return len(s)
 
 
 def render(ids: np.ndarray, tokenizer, layout: SodaLayout, num_codebooks: int) -> str:
@@ -88,11 +107,15 @@ class InspectConfig:
     path: str = field(metadata={"positional": True, "help": "a `soda prepare` output, or a run dir / checkpoint"})
     samples: int = 3
     chars: int = field(default=300, metadata={"help": "characters of each decoded sample to print"})
+    verify: bool = field(default=False, metadata={"help": "read every sample of the set and check its checksum"})
 
 
 def inspect_job(cfg: InspectConfig) -> None:
     """`soda inspect`: a shard set (decode a few samples) or a checkpoint (config, shapes)."""
     if (Path(cfg.path) / "index.json").is_file():
+        if cfg.verify:
+            verify_set(cfg.path)
+            return
         inspect(cfg.path, cfg.samples, cfg.chars)
     else:
         from megatron_soda.checkpoints_tools.inspect_checkpoint import inspect_checkpoint

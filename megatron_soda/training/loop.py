@@ -24,6 +24,7 @@ from megatron_soda.config import (
     UserError,
     load_config,
     paper_peak_lr,
+    quiet_library_warnings,
     save_config,
     validate,
 )
@@ -90,6 +91,7 @@ def train(cfg: SodaConfig) -> dict:
             f"model.vocab_size {cfg.model.vocab_size} but the shards use a {layout.vocab_size}-id layout "
             f"(text {layout.text_vocab_size}): tokenizer and model disagree"
         )
+    check_run_dir(run_dir)  # on every rank: a refusal must not leave the others waiting at the barrier
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -227,6 +229,16 @@ def train(cfg: SodaConfig) -> dict:
     }
 
 
+def check_run_dir(run_dir: Path) -> None:
+    import os
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: a file, expected a directory")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {run_dir}: {existing} is not writable")
+
+
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "head_dim", "ffn_hidden_size")
 
 
@@ -276,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     """One rank of `soda train` (torchrun / srun start one per device)."""
     import argparse
     import os
-    import warnings
 
     parser = argparse.ArgumentParser(prog="soda train", description="train a SODA model (see configs/)")
     parser.add_argument("--config", help="YAML preset, e.g. configs/soda-600m.yaml")
@@ -285,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-parameter listings drown the run log
-    # megatron-core warns at import and per layer about missing TE/apex and CUDA-only env settings
-    warnings.filterwarnings("ignore", module=r"megatron\.core.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_library_warnings()
     try:
         cfg = load_config(args.config, rest)
         if args.run_dir:
