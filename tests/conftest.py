@@ -80,7 +80,7 @@ def read_json(path: Path) -> dict:
 
 # The longest files first: `make test` hands whole files to two xdist workers in collection order,
 # so starting the long ones first keeps one worker from finishing a long file alone at the end.
-LONGEST_FIRST = ["test_train", "test_launch", "test_finetune", "test_eval", "test_signals", "test_hf", "test_kernels"]
+LONGEST_FIRST = ["test_eval", "test_launch", "test_train", "test_finetune", "test_hf", "test_signals", "test_kernels"]
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -89,12 +89,3 @@ def pytest_collection_modifyitems(items) -> None:
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order inside a file is kept
-
-
-def pytest_configure(config) -> None:
-    import os
-
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each in-process
-        import torch
-
-        torch.set_num_threads(1)

@@ -118,7 +118,7 @@ print("OK")
 @pytest.fixture(scope="module")
 def finetuned(prepared, s2st_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    run_train(root / "pre", prepared, 1, "--train.steps", "20")
+    run_train(root / "pre", prepared, 1, "--train.steps", "5")
     common = [
         "--init-from",
         str(root / "pre"),

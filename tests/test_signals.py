@@ -53,7 +53,6 @@ def test_signals_as_launchers_send_them_save_and_the_run_resumes(prepared, tmp_p
         )
         for how, run in runs.items()
     }
-    uninterrupted = subprocess.Popen(train_cmd(tmp_path / "straight", prepared, 2, *TP2_RUN), env=env(), cwd=ROOT)
     waiting, deadline = set(procs), time.time() + 300
     while waiting and time.time() < deadline:  # each is signalled once it has logged 2 steps
         for how in list(waiting):
@@ -68,14 +67,13 @@ def test_signals_as_launchers_send_them_save_and_the_run_resumes(prepared, tmp_p
         done = len(losses(run))
         assert 2 <= done < 8 and "killed by signal" not in err, (how, err[-3000:])
         assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{done:07d}", (how, err[-3000:])
-    assert uninterrupted.wait(timeout=300) == 0
     time.sleep(1)
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(str(tmp_path) in a for a in p.info["cmdline"] or [])]
     assert not left, f"processes left behind: {left}"
+    # the saved checkpoint resumes (that a resume continues bitwise is test_train's SIGTERM test)
     run = runs["all"]
     run_train(run, prepared, 2, *TP2_RUN)
     assert [m["step"] for m in metrics(run)] == list(range(1, 9))  # none lost, none repeated
-    assert losses(run) == losses(tmp_path / "straight")
 
 
 def test_corrupt_samples_are_counted_and_too_many_stop_the_run(prepared, tmp_path):
