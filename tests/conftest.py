@@ -80,7 +80,7 @@ def read_json(path: Path) -> dict:
 
 # The longest files first: `make test` hands whole files to two xdist workers in collection order,
 # so starting the long ones first keeps one worker from finishing a long file alone at the end.
-LONGEST_FIRST = ["test_eval", "test_launch", "test_train", "test_finetune", "test_hf", "test_signals", "test_kernels"]
+LONGEST_FIRST = ["test_eval", "test_launch", "test_signals", "test_train", "test_finetune", "test_hf", "test_kernels"]
 
 
 def pytest_collection_modifyitems(items) -> None:
