@@ -191,7 +191,7 @@ on_usr1() {{
 }}
 trap on_usr1 USR1
 
-{runner} --kill-on-bad-exit=1 {python} -m torch.distributed.run \\
+{runner} --kill-on-bad-exit=1 {python} -m megatron_soda.training.torchrun \\
   --nnodes={job.nodes} --nproc-per-node={job.ranks_per_node} \\
   --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$SLURM_JOB_ID" \\
   -m megatron_soda.training {train_args} &

@@ -10,4 +10,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # forward SLURM's USR1 to the ranks too (they save and stop); torch >= 2.8 reads PET_, older TORCHELASTIC_
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-$PET_SIGNALS_TO_HANDLE}
-exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m megatron_soda.training "$@"
+# megatron_soda.training.torchrun: torchrun, ending on one line instead of a traceback
+exec "$PY" -m megatron_soda.training.torchrun --standalone --nproc-per-node "$NPROC" -m megatron_soda.training "$@"

@@ -1,5 +1,7 @@
-"""A real one-host SLURM cluster for the launch tests: Debian's slurm-wlm + munge, daemons started
-with a generated slurm.conf in a temp dir (own ports, state and logs), stopped by pid afterwards."""
+"""A real SLURM cluster of two nodes on one host for the launch tests: Debian's slurm-wlm + munge, one
+controller and one `slurmd -N <node>` per node, each with its own name, port, spool and log, all from a
+generated slurm.conf in a temp dir, stopped by pid afterwards. Jobs see two nodes (SLURM_NODEID,
+SLURMD_NODENAME, srun placing one task per node) exactly as on a real cluster; only the host is shared."""
 
 from __future__ import annotations
 
@@ -13,16 +15,17 @@ from pathlib import Path
 CONF = """ClusterName=sodatest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# how long a requeued job waits before it may start again (SLURM's default, 120 s, is for real nodes)
+AuthInfo=cred_expire=10
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -35,8 +38,8 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 JobRequeue=1
 KillWait=30
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -76,25 +79,33 @@ def _start_munge() -> None:
 
 
 class Cluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, nodes: int = 2) -> None:
         self.root = root
         self.conf = root / "slurm.conf"
         host = socket.gethostname().split(".")[0]
         (root / "state").mkdir(parents=True)
         (root / "spool").mkdir()
+        self.nodes = [f"soda{i + 1}" for i in range(nodes)]
+        lines = "\n".join(
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={os.cpu_count() or 2} "
+            "State=UNKNOWN"
+            for n in self.nodes
+        )
         self.conf.write_text(
-            CONF.format(host=host, root=root, ctld_port=_free_port(), d_port=_free_port(), cpus=os.cpu_count() or 2)
+            CONF.format(host=host, root=root, ctld_port=_free_port(), nodes=lines, names=",".join(self.nodes))
         )
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
     def start(self) -> None:
         _start_munge()
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env, capture_output=True)
-        subprocess.run(["slurmd", "-f", str(self.conf)], check=True, env=self.env, capture_output=True)
+        for n in self.nodes:
+            subprocess.run(["slurmd", "-f", str(self.conf), "-N", n], check=True, env=self.env, capture_output=True)
         deadline = time.time() + 60
         while time.time() < deadline:
-            r = self.run("sinfo", "-h", "-o", "%t")
-            if r.returncode == 0 and r.stdout.strip() in ("idle", "mix", "alloc"):
+            r = self.run("sinfo", "-h", "-N", "-o", "%t")
+            states = r.stdout.split()
+            if r.returncode == 0 and len(states) == len(self.nodes) and set(states) <= {"idle", "mix", "alloc"}:
                 return
             time.sleep(0.5)
         raise RuntimeError(f"SLURM did not come up: {self.run('sinfo').stdout} {self.log('slurmctld')[-800:]}")
@@ -120,7 +131,7 @@ class Cluster:
         return p.read_text() if p.is_file() else ""
 
     def stop(self) -> None:
-        for name in ("slurmd", "slurmctld"):
+        for name in [*(f"slurmd-{n}" for n in self.nodes), "slurmctld"]:
             pid = self.root / f"{name}.pid"
             if pid.is_file():
                 try:

@@ -1,8 +1,9 @@
-"""Launchers: rendered scripts for many layouts, and a real one-host SLURM cluster running them."""
+"""Launchers: rendered scripts for many layouts, and a real two-node SLURM cluster (on one host) running them."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -90,44 +91,19 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def _submit(cluster, prepared, run, steps: int) -> str:
+def _submit(cluster, prepared, run, steps: int, *extra: str) -> str:
+    """`soda launch slurm` of the tiny model on both nodes, two CPU ranks per node."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_soda.cli",
-            "launch",
-            "slurm",
-            "--config",
-            str(ROOT / "configs" / "tiny.yaml"),
-            "--nodes",
-            "1",
-            "--gpus-per-node",
-            "0",
-            "--tasks-per-node",
-            "2",
-            "--run-dir",
-            str(run),
-            "--venv",
-            str(ROOT / ".venv"),
-            "--time",
-            "00:10:00",
-            "--port",
-            str(port),
-            "--signal-grace",
-            "30",
-            "--data.paths",
-            f"[{prepared}]",
-            "--data.num_workers",
-            "0",
-            "--train.steps",
-            str(steps),
-        ],
+        [sys.executable, "-m", "megatron_soda.cli", "launch", "slurm", "--config", str(ROOT / "configs" / "tiny.yaml")]
+        + ["--nodes", str(len(cluster.nodes)), "--gpus-per-node", "0", "--tasks-per-node", "2"]
+        + ["--run-dir", str(run), "--venv", str(ROOT / ".venv"), "--time", "00:10:00", "--port", str(port)]
+        + ["--signal-grace", "30", "--data.paths", f"[{prepared}]", "--data.num_workers", "0"]
+        + ["--train.steps", str(steps), *extra],
         capture_output=True,
         text=True,
         env=cluster.env,
@@ -138,25 +114,19 @@ def _submit(cluster, prepared, run, steps: int) -> str:
 
 
 @pytest.mark.slow
-def test_slurm_job_trains_and_checkpoints(cluster, prepared, tmp_path):
-    run = tmp_path / "run"
-    job = _submit(cluster, prepared, run, 3)
-    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
-    log = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
-    assert info["JobState"] == "COMPLETED", log[-3000:]
-    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
-    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+def test_two_node_job_trains_is_preempted_requeued_and_resumes(cluster, prepared, tmp_path):
+    """2 nodes x 2 ranks, TP=2 inside each node and DP=2 across them: USR1 to the batch shell (what
+    `--signal=B:USR1@grace` sends before the time limit) -> every rank saves -> requeue -> resume,
+    with every step logged once and each tensor-parallel group on one node."""
+    from megatron_soda.parallel.setup import tp_groups_across_nodes
 
-
-@pytest.mark.slow
-def test_slurm_preemption_requeues_and_resumes(cluster, prepared, tmp_path):
     run = tmp_path / "run"
-    steps = 30
-    job = _submit(cluster, prepared, run, steps)
+    steps = 12
+    job = _submit(cluster, prepared, run, steps, "--parallel.tp", "2")
     deadline = time.time() + 240
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3):
         time.sleep(0.5)
-    assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0  # what --signal=B:USR1 sends
+    assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
     info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 280)
     log = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -164,7 +134,44 @@ def test_slurm_preemption_requeues_and_resumes(cluster, prepared, tmp_path):
     assert "requeueing job" in log and "resumed from" in log
     stepped = [m["step"] for m in metrics(run)]
     assert stepped == list(range(1, steps + 1)), stepped  # no step lost, none repeated
-    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{steps:07d}"
+    ranks = json.loads((run / "layout.json").read_text())  # written by the resumed job
+    assert sorted(r["node"] for r in ranks) == sorted(cluster.nodes * 2), ranks
+    assert tp_groups_across_nodes(ranks) == [], ranks
+    assert {r["dp_rank"] for r in ranks} == {0, 1} and {r["tp_rank"] for r in ranks} == {0, 1}
+
+
+@pytest.mark.slow
+def test_prepare_array_spreads_over_both_nodes(cluster, corpus, tokenizer_dir, tmp_path):
+    """`soda launch prepare` with two tasks of a whole node each: one per node, disjoint shards,
+    and the last task to finish writes the index."""
+    lines = (corpus / "manifest.jsonl").read_text().splitlines()[:4]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        "".join(json.dumps({**json.loads(x), "audio": str(corpus / json.loads(x)["audio"])}) + "\n" for x in lines)
+    )
+    out = tmp_path / "shards"
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", "launch", "prepare", "--tasks", "2"]
+        + ["--cpus-per-task", str(os.cpu_count() or 2), "--venv", str(ROOT / ".venv"), "--time", "00:10:00"]
+        + ["--log-dir", str(tmp_path / "logs"), "--input", str(manifest), "--output", str(out)]
+        + ["--tokenizer", str(tokenizer_dir), "--codec", "random:0", "--seq-len", "256", "--files-per-shard", "2"],
+        capture_output=True,
+        text=True,
+        env=cluster.env,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split()[-1]
+    hosts = []
+    for task in ("0", "1"):
+        info = cluster.wait(f"{job}_{task}", ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
+        logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
+        assert info["JobState"] == "COMPLETED", logs[-3000:]
+        hosts.append(info["BatchHost"])
+    assert sorted(hosts) == sorted(cluster.nodes), hosts
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) == 2 and not (out / "skipped.jsonl").read_text().strip()
 
 
 def _isoflop_plan(out, budgets: str = "3e10", widths: str = "8,16") -> None:

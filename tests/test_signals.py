@@ -29,7 +29,8 @@ def _send_launcher_signal(how: str, proc: subprocess.Popen) -> None:
     elif how == "wrapper":
         proc.send_signal(signal.SIGTERM)
     else:
-        (torchrun,) = [c for c in psutil.Process(proc.pid).children() if "torch.distributed.run" in c.cmdline()]
+        children = psutil.Process(proc.pid).children()
+        (torchrun,) = [c for c in children if "megatron_soda.training.torchrun" in c.cmdline()]
         torchrun.send_signal(signal.SIGUSR1)
 
 

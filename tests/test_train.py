@@ -9,6 +9,7 @@ order of reductions across TP/DP ranks).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -268,6 +269,31 @@ def test_bad_config_on_the_command_line_is_one_line(prepared, tmp_path):
             cwd=ROOT,
         )
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_a_rank_error_under_torchrun_stays_one_line(tmp_path):
+    """`--nproc 2`: the rank's one-line error, then one line from the launcher, no ChildFailedError."""
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_soda.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml")]
+        + ["--device", "cpu", "--nproc", "2", "--run-dir", str(tmp_path / "run"), "--data.paths", "[/nonexistent]"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 2, r.stderr
+    assert "/nonexistent: no shard index" in lines[0]  # printed by rank 0; every rank stops on it
+    assert re.fullmatch(r"soda train: rank [01] exited with code 1 \(its message is above\)", lines[1]), lines
+
+
+def test_torchrun_exit_line_names_a_killed_rank():
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from megatron_soda.training.torchrun import exit_line
+
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=-9, error_file="")
+    line, code = exit_line(ChildFailedError("soda", {3: failure}))
+    assert line == "soda train: rank 3 was killed by SIGKILL" and code == 137
 
 
 def test_pruning_keeps_what_latest_names(tmp_path):

@@ -77,6 +77,41 @@ def setup_parallel(cfg: SodaConfig, need_data: bool = True, graph_safe_rng: bool
     return dp
 
 
+def node_name() -> str:
+    """The node this rank runs on: SLURM's name for it where SLURM started us (several SLURM nodes
+    can share a host, and clusters name nodes apart from their hostnames), else the hostname."""
+    import socket
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def rank_layout() -> list[dict]:
+    """Where every rank runs and which TP/PP/DP coordinates it holds (a collective: every rank
+    calls it). A tensor-parallel group spread over nodes sends every layer's all-reduce over the
+    network; this is how a launch is checked for it."""
+    from megatron.core import parallel_state as ps
+
+    mine = {
+        "rank": dist.get_rank(),
+        "node": node_name(),
+        "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+    }
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def tp_groups_across_nodes(layout: list[dict]) -> list[list[int]]:
+    """The tensor-parallel groups (as rank lists) whose ranks are not all on one node."""
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in layout:
+        groups.setdefault((r["pp_rank"], r["dp_rank"]), []).append(r)
+    return [[r["rank"] for r in g] for g in groups.values() if len({r["node"] for r in g}) > 1]
+
+
 def teardown() -> None:
     from megatron.core import parallel_state as ps
 

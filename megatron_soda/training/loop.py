@@ -35,9 +35,11 @@ from megatron_soda.model.flops import flops_per_token, mfu, param_counts, peak_t
 from megatron_soda.parallel.setup import (
     init_distributed,
     peak_memory_gb,
+    rank_layout,
     resolve_device,
     setup_parallel,
     teardown,
+    tp_groups_across_nodes,
     world_size_from_env,
 )
 from megatron_soda.training.metrics import MetricsLog
@@ -114,9 +116,15 @@ def train(cfg: SodaConfig) -> dict:
                 "resumed from %s at step %d (%d samples consumed)", resume_from, trainer.step, loader.consumed_samples
             )
 
+    ranks = rank_layout()
     if rank0:  # only now: a refused resume leaves the run's config.yaml as it was
         save_config(cfg, run_dir / "config.yaml")
         save_fast_paths(fp, run_dir / "fast_paths.yaml")
+        (run_dir / "layout.json").write_text(json.dumps(ranks, indent=1) + "\n")
+        nodes = sorted({r["node"] for r in ranks})
+        log.info("%d ranks on %d node(s): %s", len(ranks), len(nodes), ", ".join(nodes))
+        for group in tp_groups_across_nodes(ranks):
+            log.warning("tensor-parallel group %s spans nodes: its all-reduces cross the network", group)
 
     def corrupt_samples() -> int:
         """Corrupt samples read so far by every rank (a collective)."""

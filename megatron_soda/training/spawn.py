@@ -2,8 +2,8 @@
 
 `soda train --nproc N`, `soda finetune` and `soda isoflop run` all come here. Under SLURM or an outer
 torchrun (RANK or SLURM_PROCID set) this process already is one rank and trains in place;
-otherwise N > 1 local ranks are started through torchrun, each running `python -m
-megatron_soda.training`.
+otherwise N > 1 local ranks are started through torchrun (`training/torchrun.py`: stock torchrun
+ending on one line when a rank fails), each running `python -m megatron_soda.training`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "megatron_soda.training.torchrun",
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
