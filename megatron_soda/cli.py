@@ -91,6 +91,13 @@ COMMANDS: dict = {
             "and speed levers off (extra --section.key value flags override the preset, as in `soda train`)",
             True,
         ),
+        "readers": (
+            "megatron_soda.tools.bench.readers",
+            "ReadersBenchConfig",
+            "bench_job",
+            "soda prepare's corpus-file readers (JSONL, .gz, .zst, Parquet): records/s, MB/s, audio-hours/s",
+            False,
+        ),
         "tokenize": (
             "megatron_soda.tools.bench.tokenize",
             "TokenizeBenchConfig",

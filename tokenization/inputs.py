@@ -1,16 +1,20 @@
-"""Finding what to tokenize: JSONL manifests, directories of audio, directories of text.
+"""Finding what to tokenize: JSONL manifests, directories of audio and text, corpus files.
 
-Input problems found here (a malformed manifest line, an entry with nothing in it) are turned
-into counted skips like bad audio, so one bad line never stops a million-file run.
+A manifest (`.jsonl` given as --input) is read here and its documents dealt into shards. Corpus
+files (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.parquet` given as --input or found in a directory) are
+only listed here: each becomes one unit of work, streamed record by record by whichever rank owns it
+(`streams`), so a rank never reads what other ranks tokenize and no file is held in memory.
+Input problems (a malformed line, an entry with nothing in it) are turned into counted skips like
+bad audio, so one bad line never stops a million-file run.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_soda.tokenization.audio_io import AUDIO_EXTENSIONS
+from megatron_soda.tokenization.readers import RECORD_SUFFIXES, is_record_file, read_records
 
 TEXT_EXTENSIONS = (".txt",)
 
@@ -31,6 +35,8 @@ class Entry:
 
     @property
     def kind(self) -> str:
+        if self.task == "document":
+            return "document"
         if self.audio is not None and self.text is not None:
             return "paired"
         return "audio" if self.audio is not None else "text"
@@ -47,61 +53,83 @@ class Skip:
 class Inputs:
     docs: list[list[Entry]] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
+    streams: list[Path] = field(default_factory=list)  # corpus files, one unit of work each
 
 
-def _from_manifest(path: Path, out: Inputs, paired_needed: bool) -> None:
-    base = path.parent
-    current: list[Entry] = []
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
-        if not raw.strip():
+def record_entries(
+    rec: dict, base: Path, where: str, default_id: str, paired_needed: bool, documents: bool
+) -> list[Entry] | Entry | Skip:
+    """One manifest or corpus record -> an entry, a translation pair's two entries, or why not.
+    `documents`: the record's `text` is a whole SODA document (pre-tokenized release)."""
+    if documents:
+        text = rec.get("text")
+        if not isinstance(text, str) or not text.strip():
+            return Skip(where, "bad_manifest_line", "a pre-tokenized record needs a non-empty string 'text'")
+        return Entry(id=str(rec.get("id", default_id)), text=text, task="document")
+    if "source_audio" in rec or "target_audio" in rec:
+        return _translation_pair(rec, base, where, default_id)
+    audio, text = rec.get("audio"), rec.get("text")
+    if text is not None and not isinstance(text, str):
+        return Skip(where, "bad_manifest_line", "field 'text' must be a string")
+    if audio is not None and not isinstance(audio, str):
+        return Skip(where, "bad_manifest_line", "field 'audio' must be a path (string)")
+    if audio is None and not (text or "").strip():
+        return Skip(where, "bad_manifest_line", "needs 'audio' and/or a non-empty 'text'")
+    if audio is not None and paired_needed and not (text or "").strip():
+        return Skip(f"{where} ({audio})", "missing_transcript")
+    return Entry(
+        id=str(rec.get("id", default_id)),
+        audio=str((base / audio).resolve()) if audio is not None else None,
+        text=text.strip() if text and text.strip() else None,
+        speaker=rec.get("speaker"),
+        doc=None if rec.get("doc") is None else str(rec["doc"]),
+    )
+
+
+class DocGrouper:
+    """Entries in record order -> documents: a run of entries with one doc id and one kind
+    (paired/audio/text) is one document; a translation pair is always one of its own."""
+
+    def __init__(self) -> None:
+        self.docs: list[list[Entry]] = []
+        self._current: list[Entry] = []
+
+    def add(self, item: list[Entry] | Entry) -> None:
+        if isinstance(item, list):
+            self.flush()
+            self.docs.append(item)
+            return
+        cur = self._current
+        if cur and (item.doc is None or item.doc != cur[-1].doc or item.kind != cur[-1].kind):
+            self.flush()
+        self._current.append(item)
+
+    def flush(self) -> None:
+        if self._current:
+            self.docs.append(self._current)
+            self._current = []
+
+
+def entries_of_file(path: Path, paired_needed: bool, documents: bool, skips: list[Skip]):
+    """(record entries or None) for every record of a manifest / corpus file, bad ones in `skips`."""
+    for n, rec in read_records(path):
+        where = f"{path}:{n}"
+        if isinstance(rec, str):
+            skips.append(Skip(where, "bad_manifest_line", rec))
             continue
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8")  # strictly: a mangled transcript must not reach the shards
-        except UnicodeDecodeError as e:
-            out.skips.append(Skip(where, "bad_manifest_line", f"not UTF-8 ({e.reason} at byte {e.start})"))
+        item = record_entries(rec, path.parent, where, f"{path.stem}:{n}", paired_needed, documents)
+        if isinstance(item, Skip):
+            skips.append(item)
             continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            out.skips.append(Skip(where, "bad_manifest_line", str(e)))
-            continue
-        if "source_audio" in rec or "target_audio" in rec:
-            pair = _translation_pair(rec, base, where, f"{path.stem}:{lineno}")
-            if isinstance(pair, Skip):
-                out.skips.append(pair)
-                continue
-            if current:
-                out.docs.append(current)
-                current = []
-            out.docs.append(pair)
-            continue
-        audio, text = rec.get("audio"), rec.get("text")
-        if text is not None and not isinstance(text, str):
-            out.skips.append(Skip(where, "bad_manifest_line", "field 'text' must be a string"))
-            continue
-        if audio is None and not (text or "").strip():
-            out.skips.append(Skip(where, "bad_manifest_line", "needs 'audio' and/or a non-empty 'text'"))
-            continue
-        if audio is not None and paired_needed and not (text or "").strip():
-            out.skips.append(Skip(f"{where} ({audio})", "missing_transcript"))
-            continue
-        entry = Entry(
-            id=str(rec.get("id", f"{path.stem}:{lineno}")),
-            audio=str((base / audio).resolve()) if audio is not None else None,
-            text=text.strip() if text and text.strip() else None,
-            speaker=rec.get("speaker"),
-            doc=None if rec.get("doc") is None else str(rec["doc"]),
-        )
-        # a document is a run of entries with one doc id and one kind (paired/audio/text)
-        if current and (entry.doc is None or entry.doc != current[-1].doc or entry.kind != current[-1].kind):
-            out.docs.append(current)
-            current = []
-        current.append(entry)
-    if current:
-        out.docs.append(current)
+        yield item
+
+
+def _from_manifest(path: Path, out: Inputs, paired_needed: bool, documents: bool) -> None:
+    group = DocGrouper()
+    for item in entries_of_file(path, paired_needed, documents, out.skips):
+        group.add(item)
+    group.flush()
+    out.docs += group.docs
 
 
 def _translation_pair(rec: dict, base: Path, where: str, default_id: str) -> list[Entry] | Skip:
@@ -131,9 +159,14 @@ def _translation_pair(rec: dict, base: Path, where: str, default_id: str) -> lis
 
 def _from_directory(path: Path, out: Inputs) -> None:
     files = sorted(p for p in path.rglob("*") if p.is_file())
+    streams = [p for p in files if is_record_file(p)]
     usable = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS + TEXT_EXTENSIONS]
-    if not usable:
-        raise InputError(f"{path}: no audio ({', '.join(AUDIO_EXTENSIONS)}) or text (.txt) files found")
+    if not usable and not streams:
+        raise InputError(
+            f"{path}: no audio ({', '.join(AUDIO_EXTENSIONS)}), text (.txt) or corpus "
+            f"({', '.join(RECORD_SUFFIXES)}) files found"
+        )
+    out.streams += [p.resolve() for p in streams]
     for p in usable:
         rel = str(p.relative_to(path))
         if p.suffix.lower() in TEXT_EXTENSIONS:
@@ -142,17 +175,23 @@ def _from_directory(path: Path, out: Inputs) -> None:
             out.docs.append([Entry(id=rel, audio=str(p.resolve()))])
 
 
-def discover(paths: list[str], paired_needed: bool) -> Inputs:
-    """All documents of all inputs, in a stable order (so unit numbering is stable across re-runs)."""
+def discover(paths: list[str], paired_needed: bool, documents: bool = False) -> Inputs:
+    """All documents of all inputs, in a stable order (so unit numbering is stable across re-runs).
+    A `.jsonl` given directly is a manifest, read here; compressed JSONL and Parquet files are
+    corpus files, listed for streaming."""
     out = Inputs()
     if not paths:
-        raise InputError("no input given (--input MANIFEST.jsonl or DIRECTORY)")
+        raise InputError("no input given (--input MANIFEST.jsonl, DIRECTORY, or corpus files)")
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             _from_directory(p, out)
+        elif p.is_file() and p.name.lower().endswith(RECORD_SUFFIXES) and p.suffix.lower() != ".jsonl":
+            out.streams.append(p.resolve())
         elif p.is_file():
-            _from_manifest(p, out, paired_needed)
+            _from_manifest(p, out, paired_needed, documents)
         else:
-            raise InputError(f"{p}: input not found (expected a JSONL manifest or a directory)")
+            raise InputError(
+                f"{p}: input not found (expected a JSONL manifest, a directory, or a {', '.join(RECORD_SUFFIXES)} file)"
+            )
     return out

@@ -33,7 +33,7 @@ from megatron_soda.tokenization.documents import (
     build_task_documents,
     parse_formats,
 )
-from megatron_soda.tokenization.inputs import Entry, InputError, Skip, discover
+from megatron_soda.tokenization.inputs import DocGrouper, Entry, InputError, Skip, discover, entries_of_file
 from megatron_soda.tokenization.shard_format import atomic_write_text, index_entry, read_sidecar, write_index
 from megatron_soda.tokenization.shards import Packer, write_shard
 from megatron_soda.tokenization.vocab import SodaLayout
@@ -44,7 +44,11 @@ PAIRED_FORMATS = ("text_first", "audio_first")  # the pretraining default: both 
 @dataclass
 class PrepareConfig:
     inputs: list[str] = field(
-        metadata={"flag": "--input", "action": "append", "help": "JSONL manifest or directory (repeatable)"}
+        metadata={
+            "flag": "--input",
+            "action": "append",
+            "help": "JSONL manifest, directory, or corpus file (.jsonl.gz/.jsonl.zst/.parquet) (repeatable)",
+        }
     )
     output: str
     tokenizer: str = field(metadata={"help": "HF tokenizer name/path (extended on the fly if plain)"})
@@ -64,6 +68,13 @@ class PrepareConfig:
         default=None, metadata={"help": "number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)"}
     )
     progress: bool = field(default=True, metadata={"help": "progress bar (--no-progress: none)"})
+    pretokenized: bool = field(
+        default=False,
+        metadata={
+            "help": "each record's 'text' is a whole SODA document with audio as private-use characters "
+            "(the released *-mm-pretrain sets): tokenized as is, checked against the layout, no codec"
+        },
+    )
 
     def validate(self) -> None:
         if self.rank is None:  # a SLURM job array task takes its slice from the environment
@@ -81,6 +92,11 @@ class PrepareConfig:
             raise ValueError(f"rank must be in [0, world_size), got rank {self.rank} world_size {self.world_size}")
 
     @property
+    def paired_needed(self) -> bool:
+        """Audio without a transcript is skipped when every requested format pairs audio with text."""
+        return any(f in PAIRED_FORMATS + PAIRED_TASK_FORMATS for f in self.formats)
+
+    @property
     def with_loss_mask(self) -> bool:
         """Task formats train on their targets only, so their samples carry a loss-mask row."""
         return any(f in TASK_FORMATS for f in self.formats)
@@ -94,6 +110,7 @@ class PrepareConfig:
             "num_codebooks": self.num_codebooks,
             "files_per_shard": self.files_per_shard,
             "max_seconds": self.max_seconds,
+            "pretokenized": self.pretokenized,
             "layout": layout.to_dict(),
             "tokenizer_fingerprint": tokenizer_fp,
             "codec": {k: v for k, v in codec_id.items() if k != "name"},
@@ -114,7 +131,8 @@ def _init_worker(tokenizer_dir: str, codec: str, device: str, num_codebooks: int
     if threads:
         torch.set_num_threads(threads)
     tok = load_tokenizer(tokenizer_dir)
-    _WORKER.update(tokenizer=tok, layout=layout_of(tok), codec=MimiCodec.load(codec, device, num_codebooks))
+    codec_model = MimiCodec.load(codec, device, num_codebooks) if codec else None  # None: pre-tokenized input
+    _WORKER.update(tokenizer=tok, layout=layout_of(tok), codec=codec_model)
 
 
 def _batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -131,21 +149,62 @@ def _batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
-def _tokenize(tokenizer, texts: list[str]) -> list[np.ndarray]:
+def _tokenize(tokenizer, texts: list[str], documents: bool = False) -> list[np.ndarray]:
+    """Token ids of each text. Transcripts: split_special_tokens, so one that happens to contain
+    "<|audio_start|>" or a private-use character stays text, not a delimiter or an audio code.
+    `documents` (pre-tokenized SODA documents): the opposite, those are exactly what they hold."""
     if not texts:
         return []
-    # split_special_tokens: a transcript that happens to contain "<|audio_start|>" or a private-use
-    # character must stay text, not turn into a delimiter or an audio code
-    ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=not documents)["input_ids"]
     return [np.asarray(x, dtype=np.int64) for x in ids]
 
 
-def process_unit(unit: int, docs: list[list[Entry]], cfg: PrepareConfig, shard_path: Path) -> dict:
-    tok, layout, codec = _WORKER["tokenizer"], _WORKER["layout"], _WORKER["codec"]
+def _stream_units(path: Path, cfg: PrepareConfig, skips: list[Skip]):
+    """The documents of one corpus file, read record by record and cut into the groups `_units`
+    makes of a manifest's documents (so the codec sees the same batches either way): what is
+    encoded, tokenized and packed at a time."""
+    group, pending = DocGrouper(), []
+    for item in entries_of_file(path, cfg.paired_needed, cfg.pretokenized, skips):
+        group.add(item)
+        if group.docs:
+            pending += group.docs
+            group.docs = []
+            units = _units(pending, cfg.files_per_shard)
+            yield from units[:-1]  # closed: the next document did not fit
+            pending = units[-1]
+    group.flush()
+    yield from _units(pending + group.docs, cfg.files_per_shard)
+
+
+def process_unit(unit: int, work: list[list[Entry]] | Path, cfg: PrepareConfig, shard_path: Path) -> dict:
+    """Shard `unit` from its documents, or from a corpus file streamed a group of records at a time."""
+    layout = _WORKER["layout"]
     stats: Counter = Counter()
     skips: list[Skip] = []
     fixes: Counter = Counter()
-    max_len = int(cfg.max_seconds * codec.sample_rate)
+    packer = Packer(cfg.seq_len, layout, with_mask=cfg.with_loss_mask)
+    samples: list[np.ndarray] = []
+    for docs in _stream_units(work, cfg, skips) if isinstance(work, Path) else [work]:
+        samples += _pack_docs(docs, cfg, packer, stats, skips, fixes)
+    samples += packer.finish()
+    record = {
+        "unit": unit,
+        "tokens": packer.doc_tokens,
+        "pad_tokens": packer.pad_tokens,
+        "stats": dict(stats),
+        "fixes": dict(fixes),
+        "skipped": [asdict(s) for s in skips],
+    }
+    return write_shard(shard_path, samples, unit, record)
+
+
+def _pack_docs(
+    docs: list[list[Entry]], cfg: PrepareConfig, packer: Packer, stats: Counter, skips: list[Skip], fixes: Counter
+) -> list[np.ndarray]:
+    """Read, encode and tokenize `docs` and pack them; returns the finished samples."""
+    tok, layout, codec = _WORKER["tokenizer"], _WORKER["layout"], _WORKER["codec"]
+    sample_rate = codec.sample_rate if codec is not None else 24_000
+    max_len = int(cfg.max_seconds * sample_rate)
 
     # 1. read every file; an utterance whose file is bad is dropped, its document goes on
     clips: list[np.ndarray] = []
@@ -157,9 +216,11 @@ def process_unit(unit: int, docs: list[list[Entry]], cfg: PrepareConfig, shard_p
         for e in doc:
             u = (d, len(good))
             if e.audio is not None:
+                if codec is None:
+                    raise InputError(f"{e.id}: audio input in a --pretokenized run (which loads no codec)")
                 try:
                     audio = load_audio(
-                        e.audio, codec.sample_rate, max_seconds=cfg.max_seconds if e.kind == "paired" else None
+                        e.audio, sample_rate, max_seconds=cfg.max_seconds if e.kind == "paired" else None
                     )
                 except AudioSkip as s:
                     skips.append(Skip(f"{e.id} ({e.audio})", s.reason, s.detail))
@@ -190,7 +251,7 @@ def process_unit(unit: int, docs: list[list[Entry]], cfg: PrepareConfig, shard_p
 
     # 2. encode audio in length-sorted batches; join the pieces of chunked files back in order
     codes: dict[tuple[int, int], list[np.ndarray]] = {}
-    budget = int(cfg.batch_seconds * codec.sample_rate)
+    budget = int(cfg.batch_seconds * sample_rate)
     for batch in _batches([len(c) for c in clips], budget):
         for i, c in zip(batch, codec.encode([clips[i] for i in batch]), strict=True):
             codes.setdefault(owners[i], []).append((i, c))
@@ -208,14 +269,26 @@ def process_unit(unit: int, docs: list[list[Entry]], cfg: PrepareConfig, shard_p
     ]
     joined_texts = [" ".join(texts[(d, i)] for i in range(len(kept[d]))) for d in joined_docs]
     joined_ids = dict(zip(joined_docs, _tokenize(tok, joined_texts), strict=True))
+    whole = [d for d, doc in enumerate(kept) if doc and doc[0].kind == "document"]
+    whole_ids = dict(zip(whole, _tokenize(tok, [texts[(d, 0)] for d in whole], documents=True), strict=True))
 
     # 4. documents in every applicable format -> packed samples (+ loss masks for task formats)
-    packer = Packer(cfg.seq_len, layout, with_mask=cfg.with_loss_mask)
     samples: list[np.ndarray] = []
     for d, doc in enumerate(kept):
         if not doc:
             continue
         kind = doc[0].kind
+        if kind == "document":  # pre-tokenized: as it is, once checked
+            ids = whole_ids[d]
+            problem = layout.document_problem(ids)
+            if problem:
+                skips.append(Skip(doc[0].id, "bad_document", problem))
+                continue
+            stats["docs_document"] += 1
+            stats["audio_tokens"] += int(layout.is_audio(ids).sum())
+            stats["text_tokens"] += int(layout.is_text(ids).sum())
+            samples += packer.add(ids)
+            continue
         if doc[0].task == "s2st":
             fmts = [f for f in cfg.formats if f in S2ST_FORMATS]
         elif kind == "paired":
@@ -244,17 +317,7 @@ def process_unit(unit: int, docs: list[list[Entry]], cfg: PrepareConfig, shard_p
                 if mask is not None:
                     stats["target_tokens"] += int(mask.sum())
                 samples += packer.add(tokens, mask)
-    samples += packer.finish()
-
-    record = {
-        "unit": unit,
-        "tokens": packer.doc_tokens,
-        "pad_tokens": packer.pad_tokens,
-        "stats": dict(stats),
-        "fixes": dict(fixes),
-        "skipped": [asdict(s) for s in skips],
-    }
-    return write_shard(shard_path, samples, unit, record)
+    return samples
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -271,6 +334,11 @@ def _units(docs: list[list[Entry]], files_per_shard: int) -> list[list[list[Entr
     if cur:
         units.append(cur)
     return units
+
+
+def _size(unit: list[list[Entry]] | Path) -> int:
+    """Progress-bar weight of a unit: its files, or 1 for a corpus file."""
+    return 1 if isinstance(unit, Path) else sum(len(d) for d in unit)
 
 
 def _setup_tokenizer(cfg: PrepareConfig, out: Path):
@@ -339,17 +407,21 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     from megatron_soda.tokenization.text_tokenizer import tokenizer_fingerprint
 
     cfg.validate()
-    paired_needed = any(f in PAIRED_FORMATS + PAIRED_TASK_FORMATS for f in cfg.formats)
-    inputs = discover(cfg.inputs, paired_needed)
+    inputs = discover(cfg.inputs, cfg.paired_needed, cfg.pretokenized)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     tok, layout, tok_dir = _setup_tokenizer(cfg, out)
-    codec = MimiCodec.load(cfg.codec, cfg.device, cfg.num_codebooks)
-    if codec.codebook_size != layout.codebook_size:
-        raise InputError(
-            f"codec {cfg.codec} has {codec.codebook_size} codes per codebook, layout expects {layout.codebook_size}"
-        )
-    identity = cfg.output_identity(layout, tokenizer_fingerprint(tok), codec.identity())
+    if cfg.pretokenized:  # the audio was encoded by whoever released the documents: no codec here
+        codec = None
+        codec_id = {"name": cfg.codec, "codebook_size": layout.codebook_size, "num_codebooks": layout.codebooks}
+    else:
+        codec = MimiCodec.load(cfg.codec, cfg.device, cfg.num_codebooks)
+        if codec.codebook_size != layout.codebook_size:
+            raise InputError(
+                f"codec {cfg.codec} has {codec.codebook_size} codes per codebook, layout expects {layout.codebook_size}"
+            )
+        codec_id = codec.identity()
+    identity = cfg.output_identity(layout, tokenizer_fingerprint(tok), codec_id)
     id_path = out / "prepare_identity.json"
     if id_path.is_file():
         old = json.loads(id_path.read_text())
@@ -361,14 +433,14 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     else:
         atomic_write_text(id_path, json.dumps(identity, indent=1))
 
-    units = _units(inputs.docs, cfg.files_per_shard)
+    units: list = [*_units(inputs.docs, cfg.files_per_shard), *inputs.streams]  # a corpus file is a unit
     shard_paths = [out / f"shard-{u:06d}.tar" for u in range(len(units))]
     mine = [u for u in range(len(units)) if u % cfg.world_size == cfg.rank and read_sidecar(shard_paths[u]) is None]
     done_before = sum(1 for u in range(len(units)) if u % cfg.world_size == cfg.rank) - len(mine)
     failures: list[str] = []
     t0 = time.time()
     bar = tqdm(
-        total=sum(len(d) for u in mine for d in units[u]),
+        total=sum(_size(units[u]) for u in mine),
         unit="file",
         disable=not progress,
         desc=f"prepare rank {cfg.rank}/{cfg.world_size}",
@@ -383,7 +455,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         audio_s += record["stats"].get("audio_seconds_x1000", 0) / 1000
         tokens += record["tokens"]
         el = max(time.time() - t0, 1e-9)
-        bar.update(sum(len(d) for d in units[u]))
+        bar.update(_size(units[u]))
         bar.set_postfix_str(
             f"{audio_s / 3600 / el:.4f} audio-h/s ({audio_s / el:.1f}x real time), {tokens / el:,.0f} tok/s"
         )
@@ -405,7 +477,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
             workers,
             mp_context=mp.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(str(tok_dir), cfg.codec, cfg.device, cfg.num_codebooks, threads),
+            initargs=(str(tok_dir), "" if cfg.pretokenized else cfg.codec, cfg.device, cfg.num_codebooks, threads),
         ) as pool:
             futures = {pool.submit(process_unit, u, units[u], cfg, shard_paths[u]): u for u in mine}
             for fut in as_completed(futures):

@@ -91,6 +91,44 @@ class SodaLayout:
         k = (ids - self.audio_offset) // self.codebook_size
         return np.where(self.is_audio(ids), k, -1)
 
+    def document_problem(self, ids: np.ndarray) -> str | None:
+        """Why `ids` is not a well-formed SODA document under this layout, or None.
+
+        For documents tokenized elsewhere (the released pre-tokenized corpora): a wrong tokenizer, a
+        codec offset other than this layout's, or a document cut mid-span all show up here rather
+        than as silent garbage in training. Checked: every id in the vocabulary; <|begin_of_text|>
+        first and <|end_of_text|> last; text and audio delimiters in start/end pairs, never nested;
+        audio ids inside audio spans only and nothing else there; each span whole frames, frame-major
+        (codebook k at position k of every frame)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size < 2:
+            return "fewer than 2 tokens"
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            return f"id {int(bad[0])} outside the {self.vocab_size}-id vocabulary"
+        if ids[0] != self.bos_id or ids[-1] != self.eos_id:
+            return "does not start with <|begin_of_text|> and end with <|end_of_text|>"
+        for start, end, name in ((self.text_start, self.text_end, "text"), (self.audio_start, self.audio_end, "audio")):
+            marks = ids[(ids == start) | (ids == end)]
+            if marks.size % 2 or (marks[0::2] != start).any() or (marks[1::2] != end).any():
+                return f"unbalanced <|{name}_start|> / <|{name}_end|> delimiters"
+        starts, ends = ids == self.audio_start, ids == self.audio_end
+        inside = ((np.cumsum(starts) - np.cumsum(ends)) == 1) & ~starts
+        if (self.is_audio(ids) != inside).any():
+            return "audio ids outside an audio span, or other ids inside one"
+        text_inside = (np.cumsum(ids == self.text_start) - np.cumsum(ids == self.text_end)) == 1
+        if (inside & text_inside).any():
+            return "an audio span inside a text span"
+        pos = np.arange(ids.size)
+        span_start = np.maximum.accumulate(np.where(starts, pos, -1))
+        offset = pos - span_start - 1  # position inside the span
+        if (self.codebook_of(ids[inside]) != offset[inside] % self.codebooks).any():
+            return f"audio ids not in frame-major order of {self.codebooks} codebooks"
+        lengths = np.flatnonzero(ends) - np.flatnonzero(starts) - 1
+        if (lengths % self.codebooks).any():
+            return f"an audio span that is not whole frames of {self.codebooks} codebooks"
+        return None
+
     def audio_id(self, codebook: int, code: int) -> int:
         if not 0 <= codebook < self.codebooks or not 0 <= code < self.codebook_size:
             raise ValueError(f"(codebook, code) = ({codebook}, {code}) outside {self.codebooks} x {self.codebook_size}")
