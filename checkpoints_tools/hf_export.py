@@ -227,10 +227,11 @@ def export_in_subprocess(checkpoint: str, out: str, tokenizer: str | None = None
 
     with tempfile.TemporaryDirectory() as d:
         result = Path(d) / "result.json"
-        cmd = [
+        cmd = [  # library warnings silenced before this module's imports bring megatron-core in
             sys.executable,
-            "-m",
-            "megatron_soda.checkpoints_tools.hf_export",
+            "-c",
+            "from megatron_soda.config import quiet_library_warnings as q; q(); "
+            "from megatron_soda.checkpoints_tools.hf_export import _main; raise SystemExit(_main())",
             checkpoint,
             out,
             "--result",

@@ -261,12 +261,15 @@ def quiet_library_warnings() -> None:
     """The one place that silences what a user cannot act on: megatron-core's (and its bundled
     megatron_fsdp's) import-time notes that TE / apex are missing (the torch fallbacks are intended),
     its CUDA-only settings on the CPU backend, and deprecations inside libraries."""
+    import logging
     import warnings
 
     for module in (r"megatron\.core.*", r"megatron_fsdp.*", r"megatron\.core\.distributed\.fsdp.*"):
         warnings.filterwarnings("ignore", module=module)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("megatron.core.distributed.fsdp", "megatron_fsdp"):  # "Using Megatron-FSDP without TE"
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def paper_peak_lr(cfg: SodaConfig) -> float:

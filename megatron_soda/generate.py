@@ -28,6 +28,7 @@ import torch
 
 from megatron_soda.config import UserError
 from megatron_soda.tokenization.codec import MIMI_FRAME_RATE, MIMI_HF_NAME
+from megatron_soda.tokenization.text_tokenizer import decode_text
 
 TASKS = ("continue", "asr", "tts", "s2st")
 
@@ -82,6 +83,9 @@ def load_model(source: str, device: str = "cpu", tokenizer: str | None = None) -
         tmp = tempfile.TemporaryDirectory(prefix="soda-hf-")
         folder = Path(tmp.name) / "model"
         export_in_subprocess(source, str(folder), tokenizer)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar over a model's tensors tells a user nothing
     model = Qwen3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
     tok_src = tokenizer or str(folder)
     try:
@@ -263,7 +267,7 @@ def generate(model, tok, layout, prompts: list[list[int]], task: str, s: Samplin
         new = new[: cut + 1] if cut is not None else new
         segs = split_segments(p, new, layout)
         g = Generated(ids=new, segments=segs, ended=cut is not None)
-        g.text = " ".join(tok.decode(sg["ids"]).strip() for sg in segs if sg["kind"] == "text").strip()
+        g.text = " ".join(decode_text(tok, sg["ids"]).strip() for sg in segs if sg["kind"] == "text").strip()
         audio = [x for sg in segs if sg["kind"] == "audio" for x in sg["ids"]]
         if audio:
             codes = layout.ids_to_codes(np.asarray(audio))

@@ -39,12 +39,38 @@ $SODA export-hf $OUT/run $OUT/hf --verify --force
 echo
 echo "== 8. fine-tune for speech-to-speech translation (fr -> en, same voice) and generate"
 $SODA corpus --s2st 32 --out data/tiny-s2st
-$SODA prepare --input data/tiny-s2st/s2st.jsonl --output $OUT/shards-s2st --tokenizer $OUT/tokenizer \
-  --codec random:0 --seq-len 256 --formats s2st,s2st_direct --no-progress > /dev/null
-$SODA finetune --init-from $OUT/run --config configs/finetune-tiny.yaml --run-dir $OUT/s2st --device cpu \
-  --data.paths "[$OUT/shards-s2st]" --data.val_paths "[$OUT/shards-s2st]" --train.eval_interval 30
-$SODA generate $OUT/s2st --task s2st --audio data/tiny-s2st/audio/fr_0000.wav data/tiny-s2st/audio/fr_0001.wav \
-  --max-seconds 3 --out $OUT/s2st-gen   # codec and tokenizer: the ones its training shards recorded
+head -n 28 data/tiny-s2st/s2st.jsonl > data/tiny-s2st/train.jsonl     # 28 pairs to learn from,
+tail -n 4 data/tiny-s2st/s2st.jsonl > data/tiny-s2st/heldout.jsonl    # 4 never seen: the judge
+for split in train heldout; do
+  $SODA prepare --input data/tiny-s2st/$split.jsonl --output $OUT/s2st-$split --tokenizer $OUT/tokenizer \
+    --codec random:0 --seq-len 256 --formats s2st,s2st_direct --no-progress > /dev/null
+done
+$SODA finetune --init-from $OUT/run --config configs/finetune-tiny.yaml --run-dir $OUT/s2st-ft --device cpu \
+  --data.paths "[$OUT/s2st-train]" --data.val_paths "[$OUT/s2st-heldout]" --train.eval_interval 30 \
+  | tee $OUT/s2st-ft.summary.json
+# a pair it trained on and a held-out one; codec and tokenizer: the ones its training shards recorded
+$SODA generate $OUT/s2st-ft --task s2st --audio data/tiny-s2st/audio/fr_0000.wav data/tiny-s2st/audio/fr_0030.wav \
+  --max-seconds 3 --out $OUT/s2st-gen | tee $OUT/s2st-gen.jsonl
+
+echo
+echo "== what to judge"
+.venv/bin/python - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+lines = open(f"{out}/s2st-ft.summary.json").read().splitlines()
+summary = json.loads([x for x in lines if x.startswith('{"summary"')][-1])["summary"]
+print(f"held-out S2ST target loss (4 pairs never trained on): {summary['val_loss_start']:.3f} before fine-tuning, "
+      f"{summary['val_loss_last']:.3f} after {summary['step']} steps")
+pairs = {json.loads(x)["source_audio"]: json.loads(x) for x in open("data/tiny-s2st/s2st.jsonl")}
+sources = ["audio/fr_0000.wav", "audio/fr_0030.wav"]
+for line in open(f"{out}/s2st-gen.jsonl"):
+    g = json.loads(line)
+    pair = pairs[sources[g["prompt"]]]
+    seen = "trained on" if int(pair["id"][4:]) < 28 else "held out"
+    audio = f"{g['seconds']:.1f} s of speech in {g['wav']}" if g.get("wav") else "no speech (it stopped at once)"
+    print(f"{pair['id']} ({seen}): wanted {pair['target_text']!r}; got text {g['text']!r}, {audio}")
+print("(a 2M-parameter model after 60 CPU steps, random-weight codec: judge the numbers, not the sound)")
+PY
 
 echo
 echo "checkpoints: $OUT/run/checkpoints (latest: $(cat $OUT/run/checkpoints/latest))"

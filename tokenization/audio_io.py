@@ -51,24 +51,36 @@ def load_audio(
     sample_rate: int = 24_000,
     min_seconds: float = 0.08,
     max_seconds: float | None = None,
+    data: bytes | None = None,
+    segment: tuple[float, float] | None = None,
 ) -> Audio:
     """Decode, downmix to mono and resample; raise `AudioSkip` for anything unusable.
 
     The length comes from the file's header first, so a file too long or too short is skipped
     without decoding it (a 10-hour file costs nothing to refuse); the rest is decoded, downmixed and
     resampled block by block (soxr's stream resampler: within 1e-4 of one call over the whole file), so the
-    only full-length array is the mono result at the codec's rate."""
+    only full-length array is the mono result at the codec's rate. `data`: the file's bytes (a tar
+    member, a Parquet cell), `path` then only names it. `segment`: (start, end) seconds of a long
+    recording, the only part decoded."""
+    import io
+
     import soundfile as sf
 
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise AudioSkip("missing_file", str(path))
     try:
-        f = sf.SoundFile(str(path))
+        f = sf.SoundFile(io.BytesIO(data) if data is not None else str(path))
     except Exception as e:  # libsndfile raises several types for corrupt headers/bodies
         raise AudioSkip("unreadable", f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     with f:
         rate, frames = f.samplerate, f.frames
+        if segment is not None:
+            first, last = (min(frames, max(0, int(round(t * rate)))) for t in segment)
+            if last <= first:
+                raise AudioSkip("empty", f"{path}: segment {segment[0]}-{segment[1]} s")
+            f.seek(first)
+            frames = last - first
         if frames <= 0:
             raise AudioSkip("empty", str(path))
         seconds = frames / rate
@@ -85,8 +97,9 @@ def load_audio(
             fixes.append("resampled")
         parts, block = [], max(1, int(READ_BLOCK_SECONDS * rate))
         try:
-            for data in f.blocks(blocksize=block, dtype="float32", always_2d=True):
-                x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+            want = frames if segment is not None else -1  # -1: to the end, whatever the header said
+            for chunk in f.blocks(blocksize=block, frames=want, dtype="float32", always_2d=True):
+                x = chunk.mean(axis=1) if chunk.shape[1] > 1 else chunk[:, 0]
                 if not np.isfinite(x).all():
                     raise AudioSkip("non_finite", str(path))
                 parts.append(stream.resample_chunk(x, last=False) if stream else np.array(x, dtype=np.float32))

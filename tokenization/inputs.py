@@ -32,6 +32,8 @@ class Entry:
     speaker: str | None = None
     doc: str | None = None  # consecutive entries sharing a doc form one interleaved document
     task: str | None = None  # "s2st": the doc is (source, target) of one translation pair
+    audio_bytes: bytes | None = None  # the encoded file itself (tar member, Parquet cell); `audio` names it
+    segment: tuple[float, float] | None = None  # (start, end) seconds of a longer recording
 
     @property
     def kind(self) -> str:
@@ -56,10 +58,36 @@ class Inputs:
     streams: list[Path] = field(default_factory=list)  # corpus files, one unit of work each
 
 
+def _audio_ref(audio, base: Path) -> tuple[str, bytes | None] | str:
+    """(name or path, bytes) of a record's audio: a path, or Hugging Face's {"bytes", "path"}; else why not."""
+    if isinstance(audio, str):
+        return str((base / audio).resolve()), None
+    if isinstance(audio, dict):
+        data, path = audio.get("bytes"), audio.get("path")
+        if isinstance(data, bytes | bytearray | memoryview) and len(data):
+            return str(path or "<bytes>"), bytes(data)
+        if isinstance(path, str) and path:
+            return str((base / path).resolve()), None
+        return "field 'audio' holds neither bytes nor a path"
+    return "field 'audio' must be a path or {'bytes', 'path'}"
+
+
+def _segment(rec: dict) -> tuple[float, float] | None | str:
+    """(start, end) seconds from a record's start/end fields, None without them, or why not."""
+    if rec.get("start") is None and rec.get("end") is None:
+        return None
+    try:
+        start, end = float(rec["start"]), float(rec["end"])
+    except (KeyError, TypeError, ValueError):
+        return "fields 'start' and 'end' must both be numbers of seconds"
+    return (start, end) if end > start >= 0 else f"segment {start}-{end} s is empty or negative"
+
+
 def record_entries(
-    rec: dict, base: Path, where: str, default_id: str, paired_needed: bool, documents: bool
+    rec: dict, base: Path, where: str, default_id: str, paired_needed: bool, documents: bool, doc_key: str = "doc"
 ) -> list[Entry] | Entry | Skip:
-    """One manifest or corpus record -> an entry, a translation pair's two entries, or why not.
+    """One manifest or corpus record -> an entry, a list of entries that is a document of its own
+    (a translation pair; a long recording with its `utterances` [{text, start, end}]), or why not.
     `documents`: the record's `text` is a whole SODA document (pre-tokenized release)."""
     if documents:
         text = rec.get("text")
@@ -71,18 +99,41 @@ def record_entries(
     audio, text = rec.get("audio"), rec.get("text")
     if text is not None and not isinstance(text, str):
         return Skip(where, "bad_manifest_line", "field 'text' must be a string")
-    if audio is not None and not isinstance(audio, str):
-        return Skip(where, "bad_manifest_line", "field 'audio' must be a path (string)")
-    if audio is None and not (text or "").strip():
+    ref = _audio_ref(audio, base) if audio is not None else None
+    if isinstance(ref, str):
+        return Skip(where, "bad_manifest_line", ref)
+    rid = str(rec.get("id", default_id))
+    utterances = rec.get("utterances")
+    if utterances is not None and ref is not None:  # one long recording, cut by its utterances' times
+        if not isinstance(utterances, list) or not all(isinstance(u, dict) for u in utterances):
+            return Skip(where, "bad_manifest_line", "field 'utterances' must be a list of {text, start, end}")
+        timed = []
+        for i, u in enumerate(utterances):
+            seg, utext = _segment(u), u.get("text")
+            if not isinstance(seg, tuple) or not isinstance(utext, str) or not utext.strip():
+                return Skip(where, "bad_manifest_line", f"utterance {i}: needs a non-empty 'text', 'start' and 'end'")
+            timed.append((seg, utext.strip()))
+        timed.sort(key=lambda t: t[0])  # a document is its utterances in time order
+        return [
+            Entry(f"{rid}:{i}", ref[0], t, speaker=rec.get("speaker"), doc=rid, audio_bytes=ref[1], segment=seg)
+            for i, (seg, t) in enumerate(timed)
+        ] or Skip(where, "bad_manifest_line", "field 'utterances' is empty")
+    if ref is None and not (text or "").strip():
         return Skip(where, "bad_manifest_line", "needs 'audio' and/or a non-empty 'text'")
-    if audio is not None and paired_needed and not (text or "").strip():
-        return Skip(f"{where} ({audio})", "missing_transcript")
+    if ref is not None and paired_needed and not (text or "").strip():
+        return Skip(f"{where} ({ref[0]})", "missing_transcript")
+    seg = _segment(rec)
+    if isinstance(seg, str):
+        return Skip(where, "bad_manifest_line", seg)
+    doc = rec.get(doc_key)
     return Entry(
-        id=str(rec.get("id", default_id)),
-        audio=str((base / audio).resolve()) if audio is not None else None,
+        id=rid,
+        audio=ref[0] if ref else None,
         text=text.strip() if text and text.strip() else None,
         speaker=rec.get("speaker"),
-        doc=None if rec.get("doc") is None else str(rec["doc"]),
+        doc=None if doc is None else str(doc),
+        audio_bytes=ref[1] if ref else None,
+        segment=seg,
     )
 
 
@@ -110,23 +161,23 @@ class DocGrouper:
             self._current = []
 
 
-def entries_of_file(path: Path, paired_needed: bool, documents: bool, skips: list[Skip]):
-    """(record entries or None) for every record of a manifest / corpus file, bad ones in `skips`."""
+def entries_of_file(path: Path, paired_needed: bool, documents: bool, skips: list[Skip], doc_key: str = "doc"):
+    """The entries of every record of a manifest / corpus file, the bad ones counted in `skips`."""
     for n, rec in read_records(path):
         where = f"{path}:{n}"
         if isinstance(rec, str):
             skips.append(Skip(where, "bad_manifest_line", rec))
             continue
-        item = record_entries(rec, path.parent, where, f"{path.stem}:{n}", paired_needed, documents)
+        item = record_entries(rec, path.parent, where, f"{path.stem}:{n}", paired_needed, documents, doc_key)
         if isinstance(item, Skip):
             skips.append(item)
             continue
         yield item
 
 
-def _from_manifest(path: Path, out: Inputs, paired_needed: bool, documents: bool) -> None:
+def _from_manifest(path: Path, out: Inputs, paired_needed: bool, documents: bool, doc_key: str) -> None:
     group = DocGrouper()
-    for item in entries_of_file(path, paired_needed, documents, out.skips):
+    for item in entries_of_file(path, paired_needed, documents, out.skips, doc_key):
         group.add(item)
     group.flush()
     out.docs += group.docs
@@ -175,21 +226,52 @@ def _from_directory(path: Path, out: Inputs) -> None:
             out.docs.append([Entry(id=rel, audio=str(p.resolve()))])
 
 
-def discover(paths: list[str], paired_needed: bool, documents: bool = False) -> Inputs:
+def resolve_hf(url: str) -> Path:
+    """`hf://datasets/OWNER/NAME[/FOLDER]` -> the local copy of that dataset folder, fetched into the
+    Hugging Face cache (HF_HUB_CACHE) or, offline (HF_HUB_OFFLINE=1), found there."""
+    import os
+
+    parts = url[len("hf://") :].strip("/").split("/")
+    if len(parts) < 3 or parts[0] != "datasets":
+        raise InputError(f"{url}: expected hf://datasets/OWNER/NAME[/FOLDER]")
+    repo, folder = "/".join(parts[1:3]), "/".join(parts[3:])
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        local = snapshot_download(
+            repo,
+            repo_type="dataset",
+            allow_patterns=[f"{folder}/*"] if folder else None,
+            cache_dir=os.environ.get("HF_HUB_CACHE"),
+            local_files_only=offline,
+        )
+    except LocalEntryNotFoundError:
+        raise InputError(f"{url}: not in the Hugging Face cache, and offline (HF_HUB_OFFLINE)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise InputError(f"{url}: could not be fetched ({str(e).splitlines()[0]})") from None
+    path = Path(local) / folder
+    if not path.exists():
+        raise InputError(f"{url}: the dataset has no folder {folder!r}")
+    return path
+
+
+def discover(paths: list[str], paired_needed: bool, documents: bool = False, doc_key: str = "doc") -> Inputs:
     """All documents of all inputs, in a stable order (so unit numbering is stable across re-runs).
-    A `.jsonl` given directly is a manifest, read here; compressed JSONL and Parquet files are
-    corpus files, listed for streaming."""
+    A `.jsonl` given directly is a manifest, read here; compressed JSONL, Parquet, Arrow and tar
+    files are corpus files, listed for streaming; `hf://datasets/...` is a dataset folder on the Hub."""
     out = Inputs()
     if not paths:
         raise InputError("no input given (--input MANIFEST.jsonl, DIRECTORY, or corpus files)")
     for raw in paths:
-        p = Path(raw)
+        p = resolve_hf(raw) if raw.startswith("hf://") else Path(raw)
         if p.is_dir():
             _from_directory(p, out)
         elif p.is_file() and p.name.lower().endswith(RECORD_SUFFIXES) and p.suffix.lower() != ".jsonl":
             out.streams.append(p.resolve())
         elif p.is_file():
-            _from_manifest(p, out, paired_needed, documents)
+            _from_manifest(p, out, paired_needed, documents, doc_key)
         else:
             raise InputError(
                 f"{p}: input not found (expected a JSONL manifest, a directory, or a {', '.join(RECORD_SUFFIXES)} file)"

@@ -68,6 +68,13 @@ class PrepareConfig:
         default=None, metadata={"help": "number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)"}
     )
     progress: bool = field(default=True, metadata={"help": "progress bar (--no-progress: none)"})
+    doc_key: str = field(
+        default="doc",
+        metadata={
+            "help": "record field whose consecutive equal values form one document (WebDataset tars of "
+            "Emilia-style ids default to the id's source prefix)"
+        },
+    )
     pretokenized: bool = field(
         default=False,
         metadata={
@@ -110,7 +117,9 @@ class PrepareConfig:
             "num_codebooks": self.num_codebooks,
             "files_per_shard": self.files_per_shard,
             "max_seconds": self.max_seconds,
-            "pretokenized": self.pretokenized,
+            # newer settings only where not the default: sets prepared before them still resume
+            **({"pretokenized": True} if self.pretokenized else {}),
+            **({"doc_key": self.doc_key} if self.doc_key != "doc" else {}),
             "layout": layout.to_dict(),
             "tokenizer_fingerprint": tokenizer_fp,
             "codec": {k: v for k, v in codec_id.items() if k != "name"},
@@ -164,7 +173,7 @@ def _stream_units(path: Path, cfg: PrepareConfig, skips: list[Skip]):
     makes of a manifest's documents (so the codec sees the same batches either way): what is
     encoded, tokenized and packed at a time."""
     group, pending = DocGrouper(), []
-    for item in entries_of_file(path, cfg.paired_needed, cfg.pretokenized, skips):
+    for item in entries_of_file(path, cfg.paired_needed, cfg.pretokenized, skips, cfg.doc_key):
         group.add(item)
         if group.docs:
             pending += group.docs
@@ -220,7 +229,11 @@ def _pack_docs(
                     raise InputError(f"{e.id}: audio input in a --pretokenized run (which loads no codec)")
                 try:
                     audio = load_audio(
-                        e.audio, sample_rate, max_seconds=cfg.max_seconds if e.kind == "paired" else None
+                        e.audio,
+                        sample_rate,
+                        max_seconds=cfg.max_seconds if e.kind == "paired" else None,
+                        data=e.audio_bytes,
+                        segment=e.segment,
                     )
                 except AudioSkip as s:
                     skips.append(Skip(f"{e.id} ({e.audio})", s.reason, s.detail))
@@ -407,7 +420,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     from megatron_soda.tokenization.text_tokenizer import tokenizer_fingerprint
 
     cfg.validate()
-    inputs = discover(cfg.inputs, cfg.paired_needed, cfg.pretokenized)
+    inputs = discover(cfg.inputs, cfg.paired_needed, cfg.pretokenized, cfg.doc_key)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     tok, layout, tok_dir = _setup_tokenizer(cfg, out)

@@ -151,3 +151,22 @@ def tokenizer_job(cfg: TokenizerConfig) -> None:
         f"SODA tokenizer -> {cfg.out}: text {layout.text_vocab_size}, delimiters {layout.text_vocab_size}.."
         f"{layout.audio_end}, audio {layout.audio_offset}..{layout.vocab_size - 1}, total {layout.vocab_size}"
     )
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """Text of generated ids without partial characters.
+
+    A byte-level BPE (Llama-3's, and ours) can generate a multi-byte character's bytes split across
+    tokens, or stop between them; `decode` then prints U+FFFD for each orphan byte. Here such a
+    tokenizer's tokens are turned back into bytes and decoded leaving out whatever is not whole
+    UTF-8; any other tokenizer's replacement characters are dropped."""
+    text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    if "\ufffd" not in text:
+        return text
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    if all(ch in to_byte for t in tokens for ch in t):
+        return bytes(to_byte[ch] for t in tokens for ch in t).decode("utf-8", errors="ignore")
+    return text.replace("\ufffd", "")

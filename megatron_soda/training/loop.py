@@ -170,6 +170,12 @@ def train(cfg: SodaConfig) -> dict:
             paths=cfg.data.val_paths, seed=cfg.data.seed, num_workers=0, skip_corrupt=cfg.data.skip_corrupt
         )
         val_data = MixtureDataset(val_cfg, layout=layout, seq_len=t.seq_length)
+    val_loss = {}  # before the first step and at the last validation: what a run changed
+    if val_data is not None and trainer.step == 0:
+        val = SodaDataLoader(val_data, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp, 0)
+        val_loss["start"] = trainer.evaluate(iter(val), t.eval_batches)
+        if rank0:
+            log.info("validation loss before training: %.4f", val_loss["start"])
     batches = iter(loader)
     consecutive_skips = 0
     last_saved = resume_from
@@ -206,7 +212,7 @@ def train(cfg: SodaConfig) -> dict:
             row.pop(k)
         if val_data is not None and step % t.eval_interval == 0:
             val = SodaDataLoader(val_data, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp, 0)
-            row["val_loss"] = trainer.evaluate(iter(val), t.eval_batches)  # always the same first batches
+            row["val_loss"] = val_loss["last"] = trainer.evaluate(iter(val), t.eval_batches)  # the same batches
         if step % t.log_interval == 0 or step == t.steps:
             if cfg.data.skip_corrupt:
                 row["corrupt_samples"] = corrupt_samples()
@@ -234,6 +240,7 @@ def train(cfg: SodaConfig) -> dict:
         "preempted": trainer.step < t.steps,
         "corrupt_samples": corrupt_samples(),
         "skipped_shards": sum(len(s.skipped_shards) for s in dataset.sets),
+        **{f"val_loss_{k}": v for k, v in val_loss.items()},
     }
 
 

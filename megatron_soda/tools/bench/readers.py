@@ -1,11 +1,13 @@
-"""`soda bench readers`: records/s of each corpus-file reader, and audio-hours/s of the pre-tokenized route.
+"""`soda bench readers`: records/s of each corpus-file reader; audio-hours/s of audio archives read and
+decoded, and of the pre-tokenized route.
 
 `soda prepare` streams corpus files record by record; on a cluster the readers feed GPU Mimi
 encoders (or, for the released pre-tokenized documents, the tokenizer alone), so a reader must
 never be the bottleneck: the goal is >= 1,000x real time of audio per node. This writes synthetic
 files of each format (text documents of Nemotron-like length; SODA documents of `--doc-seconds` of
-audio as private-use characters plus their transcripts) and times reading them, and the whole
-pre-tokenized route (read + tokenize + layout check) on one core.
+audio as private-use characters plus their transcripts; Emilia-like 5 s utterances as FLAC / MP3 in
+WebDataset tars and FLAC in a Parquet audio column) and times reading them, decoding the audio to
+Mimi's 24 kHz, and the whole pre-tokenized route (read + tokenize + layout check), on one core.
 """
 
 from __future__ import annotations
@@ -55,6 +57,81 @@ def _write(records: list[dict], path: Path) -> None:
 
         raw = zstandard.ZstdCompressor().compress(raw)
     path.write_bytes(raw)
+
+
+def _audio_records(rng: np.random.Generator, n: int, seconds: float, fmt: str) -> list[dict]:
+    """Emilia-like utterances: `seconds` of noisy tones at 24 kHz as FLAC or MP3 bytes + transcript."""
+    import io
+
+    import soundfile as sf
+
+    rate = 24_000
+    t = np.arange(int(seconds * rate)) / rate
+    out = []
+    for i in range(n):
+        x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.05 * rng.standard_normal(t.size)
+        buf = io.BytesIO()
+        subtype = {"subtype": "PCM_16"} if fmt == "flac" else {}
+        sf.write(buf, x.astype(np.float32), rate, format=fmt.upper(), **subtype)
+        key = f"EN_B00000_S{i // 8:05d}_W{i:06d}"
+        out.append({"id": key, "text": _text(rng, 12), "audio": {"bytes": buf.getvalue(), "path": f"{key}.{fmt}"}})
+    return out
+
+
+def _write_tar(records: list[dict], path: Path) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for r in records:
+            members = [(f"{r['id']}.json", json.dumps({"id": r["id"], "text": r["text"]}).encode())]
+            members.append((r["audio"]["path"], r["audio"]["bytes"]))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def _audio_rows(rng: np.random.Generator, utterances: int, seconds: float, reps: int, tmp: Path) -> list[dict]:
+    """Audio archives: records/s read, and audio-hours/s read + decoded + resampled for Mimi."""
+    from megatron_soda.tokenization.audio_io import load_audio
+    from megatron_soda.tokenization.inputs import record_entries
+    from megatron_soda.tokenization.readers import read_records
+
+    rows = []
+    for fmt, container in (("flac", ".tar"), ("mp3", ".tar"), ("flac", ".parquet")):
+        recs = _audio_records(rng, utterances, seconds, fmt)
+        path = tmp / f"audio-{fmt}{container}"
+        if container == ".tar":
+            _write_tar(recs, path)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(recs), path)
+
+        def decode(p=path) -> None:
+            for n, rec in read_records(p):
+                e = record_entries(rec, p.parent, str(n), str(n), True, False)
+                load_audio(e.audio, 24_000, data=e.audio_bytes, segment=e.segment)
+
+        read = min(_timed(lambda p=path: sum(1 for _ in read_records(p))) for _ in range(reps))
+        full = min(_timed(decode) for _ in range(reps))
+        hours = utterances * seconds / 3600
+        rows.append(
+            {
+                "corpus": f"speech ({fmt})",
+                "format": container,
+                "records": utterances,
+                "mb": path.stat().st_size / 1e6,
+                "records_per_s": utterances / read,
+                "mb_per_s": path.stat().st_size / 1e6 / read,
+                "audio_hours_per_s": hours / read,
+                "decoded_audio_hours_per_s": hours / full,
+                "decoded_real_time_factor": hours * 3600 / full,
+            }
+        )
+    return rows
 
 
 def run(records: int, doc_seconds: float, reps: int) -> list[dict]:
@@ -115,6 +192,17 @@ def run(records: int, doc_seconds: float, reps: int) -> list[dict]:
             f"{r['tokens_per_s']:,.0f} tokens/s, {r['audio_hours_per_s']:.2f} audio-h/s "
             f"= {r['real_time_factor']:,.0f}x real time per core (goal >= 1,000x per node)"
         )
+        audio = _audio_rows(rng, max(8, records // 100), 5.0, reps, Path(tmp))
+        head = ("audio archive", "MB", "records/s", "MB/s", "audio-h/s", "decoded", "x real")
+        print("{:>20} {:>7} {:>10} {:>7} {:>10} {:>9} {:>8}".format(*head))
+        for r in audio:
+            name = r["corpus"] + " " + r["format"]
+            print(
+                f"{name:>20} {r['mb']:>7.1f} {r['records_per_s']:>10,.0f} {r['mb_per_s']:>7.1f} "
+                f"{r['audio_hours_per_s']:>10.2f} {r['decoded_audio_hours_per_s']:>9.3f} "
+                f"{r['decoded_real_time_factor']:>8,.0f}"
+            )
+        rows += audio
     return rows
 
 
