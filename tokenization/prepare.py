@@ -60,7 +60,13 @@ class PrepareConfig:
     )
     num_codebooks: int = field(default=8, metadata={"help": "codebooks kept: 1 = semantic only ... 8"})
     files_per_shard: int = 256
-    batch_seconds: float = field(default=240.0, metadata={"help": "audio per codec batch (longest clip x count)"})
+    batch_seconds: float = field(
+        default=240.0,
+        metadata={
+            "help": "audio per codec batch (longest clip x count); peak memory on CPU ~ 1.1 GB + 26 MB per "
+            "second of it (docs/PERFORMANCE.md)"
+        },
+    )
     max_seconds: float = field(default=60.0, metadata={"help": "longer paired files are skipped, audio-only chunked"})
     num_workers: int = 1
     rank: int | None = field(default=None, metadata={"help": "this task's share (default: SLURM_ARRAY_TASK_ID or 0)"})
