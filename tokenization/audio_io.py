@@ -117,3 +117,17 @@ def load_audio(
         x = x / peak
         fixes.append("normalized")
     return Audio(x.astype(np.float32, copy=False), sample_rate, fixes)
+
+
+def audio_seconds(path: str | Path, data: bytes | None = None) -> float | None:
+    """A file's length from its header alone, or None where the header cannot be read (decoding
+    it then reports why)."""
+    import io
+
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data) if data is not None else str(path))
+    except Exception:  # noqa: BLE001  (libsndfile raises several types; load_audio names the problem)
+        return None
+    return info.frames / info.samplerate if info.samplerate else None

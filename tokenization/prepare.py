@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_soda.config import UserError
-from megatron_soda.tokenization.audio_io import AudioSkip, load_audio
+from megatron_soda.tokenization.audio_io import AudioSkip, audio_seconds, load_audio
 from megatron_soda.tokenization.codec import MIMI_HF_NAME
 from megatron_soda.tokenization.documents import (
     FORMATS,
@@ -213,6 +213,28 @@ def process_unit(unit: int, work: list[list[Entry]] | Path, cfg: PrepareConfig, 
     return write_shard(shard_path, samples, unit, record)
 
 
+def _encode_in_pieces(e: Entry, total: float, cfg: PrepareConfig, fixes: Counter) -> np.ndarray:
+    """The audio ids of a long audio-only file, decoded and encoded `--batch-seconds` of
+    `--max-seconds` pieces at a time: peak memory is one batch's, not the whole decoded file's (a
+    10-hour file would be 3.5 GB). Each piece is resampled on its own; a tail under a second joins
+    the piece before it."""
+    codec, layout = _WORKER["codec"], _WORKER["layout"]
+    starts = [float(t) for t in np.arange(0.0, total, cfg.max_seconds)]
+    if len(starts) > 1 and total - starts[-1] < 1.0:
+        starts.pop()
+    bounds = [(a, b) for a, b in zip(starts, [*starts[1:], total], strict=True)]
+    per_batch = max(1, int(cfg.batch_seconds // cfg.max_seconds))
+    codes, fixed = [], set()
+    for i in range(0, len(bounds), per_batch):
+        pieces = [
+            load_audio(e.audio, codec.sample_rate, data=e.audio_bytes, segment=b) for b in bounds[i : i + per_batch]
+        ]
+        fixed.update(f for p in pieces for f in p.fixes)
+        codes += codec.encode([p.samples for p in pieces])
+    fixes.update(fixed)
+    return layout.codes_to_ids(np.concatenate(codes))
+
+
 def _pack_docs(
     docs: list[list[Entry]], cfg: PrepareConfig, packer: Packer, stats: Counter, skips: list[Skip], fixes: Counter
 ) -> list[np.ndarray]:
@@ -226,13 +248,23 @@ def _pack_docs(
     owners: list[tuple[int, int]] = []  # (doc, utterance) of each clip
     texts: dict[tuple[int, int], str] = {}
     kept: list[list[Entry]] = []
+    streamed: dict[tuple[int, int], np.ndarray] = {}  # long audio-only files, encoded piece by piece
     for d, doc in enumerate(docs):
         good = []
         for e in doc:
             u = (d, len(good))
-            if e.audio is not None:
-                if codec is None:
-                    raise InputError(f"{e.id}: audio input in a --pretokenized run (which loads no codec)")
+            if e.audio is not None and codec is None:
+                raise InputError(f"{e.id}: audio input in a --pretokenized run (which loads no codec)")
+            total = audio_seconds(e.audio, e.audio_bytes) if e.kind == "audio" and e.segment is None else None
+            if total is not None and total > cfg.max_seconds:
+                try:
+                    streamed[u] = _encode_in_pieces(e, total, cfg, fixes)
+                except AudioSkip as s:
+                    skips.append(Skip(f"{e.id} ({e.audio})", s.reason, s.detail))
+                    continue
+                fixes["chunked"] += 1
+                stats["audio_seconds_x1000"] += int(round(total * 1000))
+            elif e.audio is not None:
                 try:
                     audio = load_audio(
                         e.audio,
@@ -275,6 +307,7 @@ def _pack_docs(
         for i, c in zip(batch, codec.encode([clips[i] for i in batch]), strict=True):
             codes.setdefault(owners[i], []).append((i, c))
     audio_ids = {u: layout.codes_to_ids(np.concatenate([c for _, c in sorted(parts)])) for u, parts in codes.items()}
+    audio_ids.update(streamed)
 
     # 3. tokenize: per-utterance transcripts for paired documents, whole joined text for text-only
     #    copies (joined before tokenizing, so words do not fuse at the seams)
