@@ -45,9 +45,11 @@ for split in train heldout; do
   $SODA prepare --input data/tiny-s2st/$split.jsonl --output $OUT/s2st-$split --tokenizer $OUT/tokenizer \
     --codec random:0 --seq-len 256 --formats s2st,s2st_direct --no-progress > /dev/null
 done
-$SODA finetune --init-from $OUT/run --config configs/finetune-tiny.yaml --run-dir $OUT/s2st-ft --device cpu \
-  --data.paths "[$OUT/s2st-train]" --data.val_paths "[$OUT/s2st-heldout]" --train.eval_interval 30 \
-  | tee $OUT/s2st-ft.summary.json
+if ! grep -qs val_loss_start $OUT/s2st-ft.summary.json; then  # a finished run is not redone on a re-run
+  $SODA finetune --init-from $OUT/run --config configs/finetune-tiny.yaml --run-dir $OUT/s2st-ft --device cpu \
+    --data.paths "[$OUT/s2st-train]" --data.val_paths "[$OUT/s2st-heldout]" --train.eval_interval 30 \
+    | tee $OUT/s2st-ft.summary.json
+fi
 # a pair it trained on and a held-out one; codec and tokenizer: the ones its training shards recorded
 $SODA generate $OUT/s2st-ft --task s2st --audio data/tiny-s2st/audio/fr_0000.wav data/tiny-s2st/audio/fr_0030.wav \
   --max-seconds 3 --out $OUT/s2st-gen | tee $OUT/s2st-gen.jsonl
@@ -59,12 +61,13 @@ import json, sys
 out = sys.argv[1]
 lines = open(f"{out}/s2st-ft.summary.json").read().splitlines()
 summary = json.loads([x for x in lines if x.startswith('{"summary"')][-1])["summary"]
-print(f"held-out S2ST target loss (4 pairs never trained on): {summary['val_loss_start']:.3f} before fine-tuning, "
-      f"{summary['val_loss_last']:.3f} after {summary['step']} steps")
+before = summary.get("val_loss_start")  # absent when the run was resumed: see its metrics.jsonl
+print("held-out S2ST target loss (4 pairs never trained on): "
+      + (f"{before:.3f} before fine-tuning, " if before is not None else "")
+      + f"{summary['val_loss_last']:.3f} after {summary['step']} steps")
 pairs = {json.loads(x)["source_audio"]: json.loads(x) for x in open("data/tiny-s2st/s2st.jsonl")}
 sources = ["audio/fr_0000.wav", "audio/fr_0030.wav"]
-for line in open(f"{out}/s2st-gen.jsonl"):
-    g = json.loads(line)
+for g in [json.loads(x) for x in open(f"{out}/s2st-gen.jsonl") if x.startswith("{")]:
     pair = pairs[sources[g["prompt"]]]
     seen = "trained on" if int(pair["id"][4:]) < 28 else "held out"
     audio = f"{g['seconds']:.1f} s of speech in {g['wav']}" if g.get("wav") else "no speech (it stopped at once)"
