@@ -105,7 +105,7 @@ def forced(s2st_corpus, tokenizer_dir, codec, tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     groups = _length_groups(train, E)
     n_tokens = sum(len(s) - 1 for s in train)
-    for _ in range(200):  # ~130 steps
+    for _ in range(200):
         opt.zero_grad()
         loss = 0.0
         for x, lab, n in groups:  # one step over all sequences: the token-weighted mean loss
@@ -113,9 +113,9 @@ def forced(s2st_corpus, tokenizer_dir, codec, tmp_path_factory):
             part.backward()
             loss += part.item()
         opt.step()
-        if loss < 0.015:  # the floor is ~0.01: sequences share prefixes (e.g. <bos> <|audio_start|>)
+        if loss < 0.035:  # memorised (~90 steps); the floor is ~0.027: sequences share prefixes
             break
-    assert loss < 0.03, loss
+    assert loss < 0.035, loss
     folder = root / "hf"
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
