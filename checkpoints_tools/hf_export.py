@@ -116,9 +116,11 @@ audio = model.generate(ids, max_new_tokens=800, do_sample=True, temperature=0.9,
 def verify(model, out: Path, vocab: int, tolerance: float, seed: int | None = None) -> dict:
     """Megatron vs transformers on fresh random sequences: max |logit diff| and a greedy continuation."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     g = torch.Generator().manual_seed(seed)
+    hf_logging.disable_progress_bar()  # a bar over the tensors of a just-written folder tells nothing
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tokens = torch.randint(0, vocab, (2, 48), generator=g)
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
