@@ -74,6 +74,14 @@ def synthetic_set(
     return samples
 
 
+def shard_tokens(shards, shard: int) -> np.ndarray:
+    """One shard's token stream, undoing the one-token overlap and dropping the padding."""
+    start = int(shards.cumulative[shard - 1]) if shard else 0
+    samples = [shards.read(k)[0] for k in range(start, int(shards.cumulative[shard]))]
+    stream = np.concatenate([samples[0]] + [s[1:] for s in samples[1:]]).astype(np.int64)
+    return stream[stream != shards.sentinel]
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

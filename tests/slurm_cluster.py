@@ -43,6 +43,9 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,6 +119,17 @@ class Cluster:
     def job(self, job_id: str) -> dict:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def finish(self, job_id: str, logs, timeout: float, tasks: int = 0) -> list[dict]:
+        """Wait for a job (or each of its `tasks` array tasks) to end; assert each COMPLETED, showing
+        the job's output files (`logs`: a folder of SLURM .out files) otherwise."""
+        infos = []
+        for job in [f"{job_id}_{i}" for i in range(tasks)] if tasks else [job_id]:
+            info = self.wait(job, ENDED, timeout)
+            text = "".join(p.read_text() for p in Path(logs).glob("*.out"))
+            assert info["JobState"] == "COMPLETED", text[-3000:]
+            infos.append(info)
+        return infos
 
     def wait(self, job_id: str, states: tuple[str, ...], timeout: float) -> dict:
         deadline = time.time() + timeout

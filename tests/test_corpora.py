@@ -18,20 +18,13 @@ from megatron_soda.tokenization.prepare import prepare
 from megatron_soda.tokenization.readers import read_records
 from megatron_soda.tokenization.shard_format import read_sidecar
 from megatron_soda.tokenization.text_tokenizer import load_soda_tokenizer
-from tests.conftest import prepare_config
+from tests.conftest import prepare_config, shard_tokens
 
 
 def _tokens(root) -> np.ndarray:
     """Every shard's token stream in order, the one-token overlaps undone and the padding dropped."""
     shards = ShardSet(root)
-    return np.concatenate([_shard_tokens(shards, k) for k in range(len(shards.shards))])
-
-
-def _shard_tokens(shards: ShardSet, shard: int) -> np.ndarray:
-    start = int(shards.cumulative[shard - 1]) if shard else 0
-    samples = [shards.read(k)[0] for k in range(start, int(shards.cumulative[shard]))]
-    stream = np.concatenate([samples[0]] + [s[1:] for s in samples[1:]]).astype(np.int64)
-    return stream[stream != shards.sentinel]
+    return np.concatenate([shard_tokens(shards, k) for k in range(len(shards.shards))])
 
 
 def _manifest_records(corpus) -> list[dict]:
@@ -198,7 +191,7 @@ def test_audio_archives_and_tables_give_the_manifest_routes_shards_bit_for_bit(
     summary = prepare(cfg, progress=False)
     assert summary["skipped"] == {} and summary["files"] == 4 * 5 + 3
     shards = ShardSet(out)
-    streams = [_shard_tokens(shards, k) for k in range(len(inputs) + 1)]
+    streams = [shard_tokens(shards, k) for k in range(len(inputs) + 1)]
     for k in (1, 2, 3, 5):  # lossless: the manifest route's tokens exactly
         np.testing.assert_array_equal(streams[k], streams[0], err_msg=(inputs + ["hf://"])[k])
     mp3 = read_sidecar(out / "shard-000004.tar")["stats"]

@@ -127,9 +127,8 @@ def test_two_node_job_trains_is_preempted_requeued_and_resumes(cluster, prepared
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3):
         time.sleep(0.5)
     assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
-    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 280)
+    (info,) = cluster.finish(job, run / "slurm", 280)
     log = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
-    assert info["JobState"] == "COMPLETED", log[-3000:]
     assert int(info.get("Restarts", 0)) == 1, info
     assert "requeueing job" in log and "resumed from" in log
     stepped = [m["step"] for m in metrics(run)]
@@ -163,12 +162,7 @@ def test_prepare_array_spreads_over_both_nodes(cluster, corpus, tokenizer_dir, t
     )
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[-1]
-    hosts = []
-    for task in ("0", "1"):
-        info = cluster.wait(f"{job}_{task}", ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
-        logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
-        assert info["JobState"] == "COMPLETED", logs[-3000:]
-        hosts.append(info["BatchHost"])
+    hosts = [info["BatchHost"] for info in cluster.finish(job, tmp_path / "logs", 240, tasks=2)]
     assert sorted(hosts) == sorted(cluster.nodes), hosts
     index = json.loads((out / "index.json").read_text())
     assert len(index["shards"]) == 2 and not (out / "skipped.jsonl").read_text().strip()
@@ -223,10 +217,7 @@ def test_slurm_isoflop_array_trains_each_run_and_gathers(cluster, prepared, tmp_
     )
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[-1]
-    for task in ("0", "1"):
-        info = cluster.wait(f"{job}_{task}", ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
-        log = "".join(p.read_text() for p in (study / "slurm").glob("*.out"))
-        assert info["JobState"] == "COMPLETED", log[-3000:]
+    cluster.finish(job, study / "slurm", 240, tasks=2)
     rows = (study / "runs.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("compute,params,non_embedding_params"), rows
     assert [m["step"] for m in metrics(study / "runs" / "C1.2e08_d8")] == [1, 2, 3]

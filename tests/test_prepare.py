@@ -12,15 +12,7 @@ from megatron_soda.tokenization.inputs import discover
 from megatron_soda.tokenization.prepare import _units, prepare
 from megatron_soda.tokenization.shard_format import read_index
 from megatron_soda.tokenization.text_tokenizer import load_soda_tokenizer
-from tests.conftest import prepare_config, read_json
-
-
-def _stream(shards: ShardSet, shard: int) -> np.ndarray:
-    """One shard's token stream, undoing the one-token overlap and dropping the padding."""
-    start = int(shards.cumulative[shard - 1]) if shard else 0
-    samples = [shards.read(k)[0] for k in range(start, int(shards.cumulative[shard]))]
-    stream = np.concatenate([samples[0]] + [s[1:] for s in samples[1:]]).astype(np.int64)
-    return stream[stream != shards.sentinel]
+from tests.conftest import prepare_config, read_json, shard_tokens
 
 
 def test_prepare_summary_and_index(prepared, corpus):
@@ -51,14 +43,14 @@ def test_documents_are_interleaved_exactly_as_the_spec_says(prepared, corpus, to
             text_first += [L.text_start, *t, L.text_end, L.audio_start, *a, L.audio_end]
             audio_first += [L.audio_start, *a, L.audio_end, L.text_start, *t, L.text_end]
         expected += text_first + [L.eos_id] + audio_first + [L.eos_id]
-    got = _stream(ShardSet(prepared), 0)
+    got = shard_tokens(ShardSet(prepared), 0)
     np.testing.assert_array_equal(got, np.array(expected))
 
 
 def test_text_only_documents_are_plain_text(prepared, corpus, tokenizer_dir):
     tok, L = load_soda_tokenizer(str(tokenizer_dir))
     shards = ShardSet(prepared)
-    last = _stream(shards, len(shards.shards) - 1)
+    last = shard_tokens(shards, len(shards.shards) - 1)
     text = (corpus / "text" / "doc002.txt").read_text().strip()
     want = [L.bos_id, *tok(text, add_special_tokens=False)["input_ids"], L.eos_id]
     assert last[-len(want) :].tolist() == want

@@ -170,10 +170,15 @@ def train(cfg: SodaConfig) -> dict:
             paths=cfg.data.val_paths, seed=cfg.data.seed, num_workers=0, skip_corrupt=cfg.data.skip_corrupt
         )
         val_data = MixtureDataset(val_cfg, layout=layout, seq_len=t.seq_length)
+
+    def validate() -> float:
+        """Mean loss over the validation set's first `eval_batches` global batches (always the same)."""
+        val = SodaDataLoader(val_data, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp, 0)
+        return trainer.evaluate(iter(val), t.eval_batches)
+
     val_loss = {}  # before the first step and at the last validation: what a run changed
     if val_data is not None and trainer.step == 0:
-        val = SodaDataLoader(val_data, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp, 0)
-        val_loss["start"] = trainer.evaluate(iter(val), t.eval_batches)
+        val_loss["start"] = validate()
         if rank0:
             log.info("validation loss before training: %.4f", val_loss["start"])
     batches = iter(loader)
@@ -211,8 +216,7 @@ def train(cfg: SodaConfig) -> dict:
         for k in ("fwd_bwd_s", "optimizer_s"):
             row.pop(k)
         if val_data is not None and step % t.eval_interval == 0:
-            val = SodaDataLoader(val_data, t.micro_batch_size, t.global_batch_size, ps.get_data_parallel_rank(), dp, 0)
-            row["val_loss"] = val_loss["last"] = trainer.evaluate(iter(val), t.eval_batches)  # the same batches
+            row["val_loss"] = val_loss["last"] = validate()
         if step % t.log_interval == 0 or step == t.steps:
             if cfg.data.skip_corrupt:
                 row["corrupt_samples"] = corrupt_samples()
