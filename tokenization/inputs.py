@@ -1,7 +1,8 @@
 """Finding what to tokenize: JSONL manifests, directories of audio and text, corpus files.
 
 A manifest (`.jsonl` given as --input) is read here and its documents dealt into shards. Corpus
-files (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.parquet` given as --input or found in a directory) are
+files (`.jsonl.gz`, `.jsonl.zst`, `.parquet`, `.arrow`, `.tar` given as --input, and those plus `.jsonl`
+found in a directory; `hf://datasets/...` folders) are
 only listed here: each becomes one unit of work, streamed record by record by whichever rank owns it
 (`streams`), so a rank never reads what other ranks tokenize and no file is held in memory.
 Input problems (a malformed line, an entry with nothing in it) are turned into counted skips like
