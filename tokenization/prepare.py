@@ -47,7 +47,8 @@ class PrepareConfig:
         metadata={
             "flag": "--input",
             "action": "append",
-            "help": "JSONL manifest, directory, or corpus file (.jsonl.gz/.jsonl.zst/.parquet) (repeatable)",
+            "help": "JSONL manifest, directory, corpus file (.jsonl.gz/.jsonl.zst/.parquet/.arrow/.tar) or "
+            "hf://datasets/OWNER/NAME[/FOLDER] (repeatable)",
         }
     )
     output: str
