@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean isoflop-demo
+.PHONY: setup demo test test-fast lint clean isoflop-demo
 
 $(STAMP): pyproject.toml scripts/install_system_deps.sh
 	scripts/install_system_deps.sh
@@ -28,6 +28,11 @@ isoflop-demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# A developer's inner loop: everything not marked slow (no training runs, codec, SLURM or torchrun).
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

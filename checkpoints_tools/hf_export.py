@@ -13,15 +13,15 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from megatron_soda.checkpoints_tools.qwen3_mapping import hf_config, to_hf
-from megatron_soda.config import USER_ERRORS, UserError, config_from_dict
+from megatron_soda.config import USER_ERRORS, UserError, config_from_dict, report_error
 from megatron_soda.model.flops import param_counts
-from megatron_soda.training import checkpoint as ckpt
+from megatron_soda.parallel.processes import pid_alive
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -112,28 +112,29 @@ audio = model.generate(ids, max_new_tokens=800, do_sample=True, temperature=0.9,
 """
 
 
-@torch.no_grad()
 def verify(model, out: Path, vocab: int, tolerance: float, seed: int | None = None) -> dict:
     """Megatron vs transformers on fresh random sequences: max |logit diff| and a greedy continuation."""
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     g = torch.Generator().manual_seed(seed)
     hf_logging.disable_progress_bar()  # a bar over the tensors of a just-written folder tells nothing
-    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    tokens = torch.randint(0, vocab, (2, 48), generator=g)
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    ours = model(tokens, pos, None)[..., :vocab].float()
-    theirs = hf(tokens).logits.float()
-    diff = float((ours - theirs).abs().max())
-    prompt = tokens[:1, :8]
-    seq = prompt
-    for _ in range(20):
-        p = torch.arange(seq.shape[1]).unsqueeze(0)
-        nxt = model(seq, p, None)[:, -1, :vocab].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], dim=1)
-    hf_seq = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        tokens = torch.randint(0, vocab, (2, 48), generator=g)
+        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        ours = model(tokens, pos, None)[..., :vocab].float()
+        theirs = hf(tokens).logits.float()
+        diff = float((ours - theirs).abs().max())
+        prompt = tokens[:1, :8]
+        seq = prompt
+        for _ in range(20):
+            p = torch.arange(seq.shape[1]).unsqueeze(0)
+            nxt = model(seq, p, None)[:, -1, :vocab].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        hf_seq = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
     report = {
         "seed": seed,
         "max_abs_logit_diff": diff,
@@ -147,6 +148,80 @@ def verify(model, out: Path, vocab: int, tolerance: float, seed: int | None = No
     return report
 
 
+class Stopped(UserError):
+    """SIGTERM / SIGINT ended the export; its partial output was removed."""
+
+
+class StopOnSignals:
+    """While active, SIGTERM and SIGINT raise `Stopped` in the main thread, so the `except` that
+    removes the partial output runs (the default action would kill the process and leave the
+    whole half-written model behind). Inside `deferred()` a signal waits for the block's end."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self, partial: Path) -> None:
+        self.partial = partial
+        self._previous: dict = {}
+        self._deferring = False
+        self._pending: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        if self._deferring:
+            self._pending = signum
+            return
+        raise Stopped(f"stopped by {self._name(signum)}: the partial export {self.partial} was removed")
+
+    @staticmethod
+    def _name(signum: int) -> str:
+        import signal
+
+        return signal.Signals(signum).name
+
+    def __enter__(self) -> StopOnSignals:
+        import signal
+
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    @contextmanager
+    def deferred(self, done: str) -> Iterator[None]:
+        """A block a signal must not cut short; one that came meanwhile stops the process after it
+        (`done`: what is then complete, for the message)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending is not None:
+            raise Stopped(f"stopped by {self._name(self._pending)} after {done}")
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-<pid>` siblings of `out_dir` that exports killed by SIGKILL, a lost
+    node or a crash left behind (a whole model each), where that pid no longer runs here."""
+    removed = []
+    prefix = f".{out_dir.name}.tmp-"
+    parent = out_dir.parent if out_dir.parent.is_dir() else None
+    for p in parent.iterdir() if parent else []:
+        pid = p.name[len(prefix) :]
+        if p.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def export_hf(
     checkpoint: str,
     out: str,
@@ -156,37 +231,46 @@ def export_hf(
     max_shard_gb: float = 5.0,
     force: bool = False,
 ) -> dict:
+    if not Path(checkpoint).exists():
+        raise UserError(f"{checkpoint} is not a megatron-core distributed checkpoint (no such path)")
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a model folder: --force replaces only a folder (move it away)")
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} exists (pass --force to replace it)")
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype: expected fp32 or bf16, got {dtype!r}")
+
+    import torch  # only now: the refusals above are instant
     from transformers import GenerationConfig
 
     from megatron_soda.checkpoints_tools.session import build_full_model, single_process
     from megatron_soda.tokenization.text_tokenizer import layout_of, load_tokenizer
+    from megatron_soda.training import checkpoint as ckpt
 
     src = ckpt.resolve(checkpoint)
+    if out_dir.resolve() == src.resolve() or out_dir.resolve() in src.resolve().parents:
+        raise UserError(f"{out_dir}: replacing it would delete the checkpoint being exported ({src})")
     common = ckpt.common_state(src)
     if "config" not in common:
         raise UserError(f"{src}: no training config inside (not written by megatron-soda)")
     cfg = config_from_dict(common["config"])
     m = cfg.model
-    out_dir = Path(out)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} exists (pass --force to replace it)")
-    if out_dir.resolve() == src.resolve() or out_dir.resolve() in src.resolve().parents:
-        raise ValueError(f"{out_dir}: replacing it would delete the checkpoint being exported ({src})")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise ValueError(f"--dtype: expected fp32 or bf16, got {dtype!r}")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     tok_dir = _find_tokenizer(tokenizer, cfg)
     tok = None
     if tok_dir is not None:
         tok = load_tokenizer(str(tok_dir))
         layout = layout_of(tok)
         if layout.vocab_size != m.vocab_size:
-            raise ValueError(f"tokenizer {tok_dir} has {layout.vocab_size} ids, the model {m.vocab_size}")
+            raise UserError(f"tokenizer {tok_dir} has {layout.vocab_size} ids, the model {m.vocab_size}")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    remove_stale_partials(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    stop = StopOnSignals(tmp)
     try:
-        with single_process():
+        with stop, single_process():
             model = build_full_model(m)
             ckpt.load_weights(src, [model])
             state = model.state_dict()
@@ -210,9 +294,10 @@ def export_hf(
             }
             if do_verify:
                 report["verify"] = verify(model, tmp, m.vocab_size, 1e-4 if dtype == "fp32" else 5e-1)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            with stop.deferred(f"the export to {out_dir} was complete"):  # else neither old nor new
+                if out_dir.exists():
+                    shutil.rmtree(out_dir)
+                os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -250,7 +335,6 @@ def export_in_subprocess(checkpoint: str, out: str, tokenizer: str | None = None
 
 def _main() -> int:
     import argparse
-    import traceback
 
     ap = argparse.ArgumentParser(description="export_hf in its own process (export_in_subprocess)")
     ap.add_argument("checkpoint")
@@ -258,11 +342,16 @@ def _main() -> int:
     ap.add_argument("--tokenizer")
     ap.add_argument("--result", required=True, help="the report or {'error': ...} goes here as JSON")
     a = ap.parse_args()
+    import signal
+
+    from megatron_soda.parallel.processes import die_with_parent
+
+    die_with_parent(os.getppid(), signal.SIGTERM)  # SIGTERM: the export removes its partial output
     try:
         data = export_hf(a.checkpoint, a.out, a.tokenizer)
     except Exception as e:  # noqa: BLE001  (whatever it is, the caller gets it as data)
-        if not isinstance(e, USER_ERRORS):
-            traceback.print_exc()
+        if not isinstance(e, USER_ERRORS):  # a user error's one line is the parent's to print
+            report_error(e, "soda export-hf (child)")
         data = {"error": str(e)}
     Path(a.result).write_text(json.dumps(data))
     return 0 if "error" not in data else 1

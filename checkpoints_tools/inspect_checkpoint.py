@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from megatron_soda.config import config_from_dict
 from megatron_soda.model.flops import param_counts
-from megatron_soda.training import checkpoint as ckpt
 
 
 def inspect_checkpoint(path: str, show_tensors: int = 40) -> dict:
     from megatron.core import dist_checkpointing
+
+    from megatron_soda.training import checkpoint as ckpt
 
     src = ckpt.resolve(path)
     common = ckpt.common_state(src)

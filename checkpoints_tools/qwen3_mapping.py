@@ -9,10 +9,12 @@ and pads the vocabulary rows (dropped on export, re-padded on import).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
+from megatron_soda.config import ModelConfig, UserError
 
-from megatron_soda.config import ModelConfig
+if TYPE_CHECKING:
+    import torch
 
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -26,8 +28,8 @@ _LAYER = {
 }
 
 
-class MappingError(ValueError):
-    pass
+class MappingError(UserError, ValueError):
+    """A Hugging Face model this converter cannot reproduce in the SODA layout."""
 
 
 def hf_config(m: ModelConfig, bos_id: int | None, eos_id: int | None):
@@ -97,6 +99,35 @@ def model_config_from_hf(cfg) -> ModelConfig:
     )
 
 
+def hf_shapes(m: ModelConfig, vocab: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor `from_hf` reads from a Hugging Face folder of `vocab` ids, from the
+    config alone: the weights' headers are checked against it before a model is built, so a
+    config.json that disagrees with its weights is refused before allocating what it claims."""
+    d, hd, nq, ng, ffn = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size
+    shapes = {"model.embed_tokens.weight": (vocab, d)}
+    for i in range(m.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (nq * hd, d),
+                p + "self_attn.k_proj.weight": (ng * hd, d),
+                p + "self_attn.v_proj.weight": (ng * hd, d),
+                p + "self_attn.o_proj.weight": (d, nq * hd),
+                p + "self_attn.q_norm.weight": (hd,),
+                p + "self_attn.k_norm.weight": (hd,),
+                p + "mlp.gate_proj.weight": (ffn, d),
+                p + "mlp.up_proj.weight": (ffn, d),
+                p + "mlp.down_proj.weight": (d, ffn),
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+            }
+        )
+    shapes["model.norm.weight"] = (d,)
+    if not m.tie_embeddings:
+        shapes["lm_head.weight"] = (vocab, d)
+    return shapes
+
+
 def to_hf(state: dict[str, torch.Tensor], m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """megatron TP=1 state dict -> (HF name, tensor) pairs, padding rows dropped, in a stable order."""
     d, hd, nq, ng = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_query_groups
@@ -122,6 +153,8 @@ def to_hf(state: dict[str, torch.Tensor], m: ModelConfig) -> Iterator[tuple[str,
 def from_hf(get, m: ModelConfig, padded_vocab: int, hf_vocab: int, new_row_init) -> dict[str, torch.Tensor]:
     """`get(name)` -> HF tensor; returns the megatron TP=1 state dict. Vocabulary rows beyond the HF
     vocabulary (a resize to the SODA layout) come from `new_row_init(rows, hidden)`; padding rows are 0."""
+    import torch
+
     d, hd, nq, ng = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_query_groups
     per = nq // ng
 

@@ -24,6 +24,7 @@ from megatron_soda.kernels.grad_accum import add_wgrad_, wgrad_path
 from megatron_soda.kernels.multi_tensor import multi_tensor_l2norm, multi_tensor_scale
 from megatron_soda.kernels.rmsnorm import rms_norm
 from megatron_soda.kernels.rope import fused_apply_rotary_pos_emb
+from megatron_soda.parallel.setup import init_distributed
 
 TOL_FP32 = {"embedding": 0.0, "nll": 2e-5, "grad": 2e-5}
 TOL_BF16 = {"embedding": 0.0, "nll": 5e-2, "grad": 5e-2}
@@ -35,10 +36,8 @@ def main() -> int:
     p.add_argument("--bf16", action="store_true")
     a = p.parse_args()
     cuda = torch.cuda.is_available()
-    dev = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    init_distributed("cuda" if cuda else "cpu")  # the process group as every training run sets it up
+    dev = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
     rank, tp = dist.get_rank(), dist.get_world_size()
     seed = a.seed if a.seed is not None else int(time.time()) % 100000
     t = torch.tensor([seed], device=dev)
@@ -128,6 +127,7 @@ def main() -> int:
     fused_embedding(ids, shard2, start, start + per, into_main_grad=True).backward(grad_out)
     out["embedding_main_grad"] = float((shard2.main_grad - ref_table.grad[start : start + per]).abs().max())
     flagged = shard2.grad_added_to_main_grad and wl3.grad_added_to_main_grad
+    out["main_grad_flagged"] = bool(flagged)
     acc = torch.randn(64, 32, generator=g).to(dev)
     a_, b_ = torch.randn(64, 200, generator=g).to(dtype).to(dev), torch.randn(200, 32, generator=g).to(dtype).to(dev)
     want = acc + a_.float() @ b_.float()
@@ -140,9 +140,12 @@ def main() -> int:
         x = torch.randn(*shape, generator=g).to(dtype).to(dev).requires_grad_(True)
         wn = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype).to(dev).requires_grad_(True)
         gy = torch.randn(*shape, generator=g).to(dtype).to(dev)
-        rms_norm(x, wn, 1e-5).backward(gy)
+        y = rms_norm(x, wn, 1e-5)
+        y.backward(gy)
         xr, wr_ = x.detach().float().requires_grad_(True), wn.detach().float().requires_grad_(True)
-        torch.nn.functional.rms_norm(xr, (shape[-1],), wr_, 1e-5).backward(gy.float())
+        yr = torch.nn.functional.rms_norm(xr, (shape[-1],), wr_, 1e-5)
+        yr.backward(gy.float())
+        out[f"{name}_fwd"] = float((y.detach().float() - yr.detach()).abs().max())
         out[f"{name}_dx"] = float((x.grad.float() - xr.grad).abs().max())
         out[f"{name}_dw"] = float((wn.grad.float() - wr_.grad).abs().max() / max(1.0, wr_.grad.abs().max().item()))
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
@@ -183,6 +186,7 @@ def main() -> int:
         and out["ce_main_grad"] <= 3 * tol["grad"]
         and out["embedding_main_grad"] <= tol["grad"]
         and out["wgrad_accum"] <= (1e-2 if a.bf16 else 1e-6)
+        and max(out["rmsnorm_fwd"], out["qk_norm_fwd"]) <= tol["nll"]
         and max(out["rmsnorm_dx"], out["qk_norm_dx"], out["rmsnorm_dw"], out["qk_norm_dw"]) <= tol["grad"]
         and max(out["rope_fwd"], out["rope_bwd"]) <= tol["nll"]
         and out["l2norm_rel"] <= 1e-6

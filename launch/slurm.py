@@ -1,7 +1,9 @@
 """`soda launch slurm` / `soda launch prepare`: sbatch scripts rendered from a training config.
 
 Training: one `srun` task per node runs torchrun, which rendezvous (c10d) on the first node of the
-allocation and starts one rank per GPU. Preemption: `--signal=B:USR1@<grace>` makes SLURM warn the
+allocation and starts one rank per GPU, each running `soda train --config FILE` on the run config
+resolved at submission (preset + overrides), which the script carries and writes at every start,
+so a requeued job trains exactly what was submitted. Preemption: `--signal=B:USR1@<grace>` makes SLURM warn the
 batch shell; it forwards USR1 through srun and torchrun to every rank, which finishes its step,
 saves a checkpoint and exits; the batch shell then `scontrol requeue`s the job, and the requeued job
 resumes from `latest` (same run directory) with no lost steps.
@@ -18,7 +20,10 @@ import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from megatron_soda.config import ConfigError, UserError, load_config, validate
+import yaml
+
+from megatron_soda.config import ConfigError, SodaConfig, UserError, load_config, validate
+from megatron_soda.parallel.processes import SIGNAL_ENV
 
 # Network knobs a user may need to set for their fabric; rendered commented-out with their meaning.
 NCCL_KNOBS = [
@@ -39,7 +44,7 @@ class LaunchError(UserError, ValueError):
 class SlurmJob:
     config: str = field(metadata={"help": "the training preset (YAML); --section.key value flags override it"})
     run_dir: str = field(metadata={"help": "checkpoints and logs; a requeued job resumes from here"})
-    overrides: list[str] = field(default_factory=list, metadata={"cli": False})  # the extra flags
+    overrides: dict = field(default_factory=dict, metadata={"cli": False})  # the --section.key flags
     nodes: int = 1
     gpus_per_node: int = field(default=8, metadata={"help": "0 for CPU nodes (CPU backend)"})
     tasks_per_node: int = field(default=0, metadata={"help": "ranks per CPU node (with --gpus-per-node 0)"})
@@ -57,6 +62,9 @@ class SlurmJob:
     shutdown_timeout_s: int = field(
         default=900, metadata={"help": "how long torchrun lets ranks save after the signal"}
     )
+    max_restarts: int = field(
+        default=1, metadata={"help": "restarts of the job step when a rank crashes or hangs (it resumes from latest)"}
+    )
     workdir: str = field(default="", metadata={"help": "directory the job runs in (default: this one)"})
     dry_run: bool = field(default=False, metadata={"help": "print the script instead of submitting it"})
 
@@ -69,23 +77,37 @@ class SlurmJob:
         return self.nodes * self.ranks_per_node
 
 
+def _strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
 def check_plain_text(job) -> None:
     """A newline or other control character in a value would end its `#SBATCH` or shell line early
     and let the rest run as a command: refused, naming the option."""
     for f in dataclasses.fields(job):
-        values = getattr(job, f.name)
-        for v in values if isinstance(values, list) else [values]:
-            if isinstance(v, str) and any(ord(c) < 32 or ord(c) == 127 for c in v):
+        for v in _strings(getattr(job, f.name)):
+            if any(ord(c) < 32 or ord(c) == 127 for c in v):
                 raise LaunchError(f"--{f.name.replace('_', '-')}: control characters (newline, tab, ...) in {v!r}")
 
 
-def check_layout(job: SlurmJob) -> tuple[int, int, int]:
-    """TP within a node, world = TP x PP x DP, and the config's own checks; returns (tp, pp, dp)."""
+def check_layout(job: SlurmJob) -> tuple[SodaConfig, int]:
+    """TP within a node, world = TP x PP x DP, and the config's own checks; returns the resolved run
+    config (run directory and device set) and its DP degree."""
     check_plain_text(job)
     if job.nodes < 1 or job.ranks_per_node < 1:
         raise LaunchError("nodes and GPUs (or tasks) per node must be >= 1")
     cfg = load_config(job.config, job.overrides)
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    cfg.run_dir = job.run_dir
+    cfg.train.device = "cuda" if job.gpus_per_node else "cpu"
+    tp = cfg.parallel.tp
     if tp > job.ranks_per_node:
         raise LaunchError(
             f"parallel.tp {tp} > {job.ranks_per_node} GPUs per node: tensor parallelism must stay inside a node"
@@ -96,23 +118,40 @@ def check_layout(job: SlurmJob) -> tuple[int, int, int]:
         dp = validate(cfg, job.world)
     except ConfigError as e:
         raise LaunchError(f"{job.nodes} node(s) x {job.ranks_per_node} = {job.world} ranks: {e}") from None
-    return tp, pp, dp
+    return cfg, dp
 
 
-def render_train(
-    job: SlurmJob, array: list[tuple[str, list[str]]] | None = None, after: list[str] | None = None
-) -> str:
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _config_block(cfg: SodaConfig, indent: str = "") -> str:
+    """Shell lines writing the resolved run config to $CONFIG (a quoted heredoc: nothing in it is
+    expanded or run)."""
+    body = yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n")
+    if "\nSODA_CONFIG\n" in f"\n{body}\n":
+        raise LaunchError("the run config contains a line 'SODA_CONFIG', which ends the script's config block")
+    return f'{indent}mkdir -p "$(dirname "$CONFIG")"\n{indent}cat > "$CONFIG" <<\'SODA_CONFIG\'\n{body}\nSODA_CONFIG\n'
+
+
+def render_train(job: SlurmJob, array: list[tuple[str, dict]] | None = None, after: list[str] | None = None) -> str:
     """The sbatch script of one training run or, with `array` ((run dir, overrides) per task), of a
     job array with one training run per task (each preemption-safe and resumable on its own);
     `after` is a `soda` command line the job runs once its training has finished."""
     if array:
-        for _, task_overrides in array:
-            tp, pp, dp = check_layout(replace(job, overrides=[*job.overrides, *task_overrides]))
+        tasks = [
+            check_layout(replace(job, run_dir=d, overrides=_merge(job.overrides, task_overrides)))
+            for d, task_overrides in array
+        ]
+        cfg, dp = tasks[0]
     else:
-        tp, pp, dp = check_layout(job)
+        cfg, dp = check_layout(job)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
     logs = job.log_dir or f"{job.run_dir}/slurm"
     workdir = job.workdir or str(Path.cwd())
-    device = "cuda" if job.gpus_per_node else "cpu"
     sb = [
         f"#SBATCH --job-name={job.job_name}",
         f"#SBATCH --nodes={job.nodes}",
@@ -131,19 +170,18 @@ def render_train(
         sb.append(f"#SBATCH --partition={job.partition}")
     if job.account:
         sb.append(f"#SBATCH --account={job.account}")
-    run_dir = [] if array else ["--run-dir", job.run_dir]
-    train_args = " ".join(
-        shlex.quote(a) for a in ["--config", job.config, *run_dir, "--device", device, *job.overrides]
-    )
-    task_args = ""
     if array:
         cases = "\n".join(
-            f"  {i}) TASK_ARGS=({' '.join(shlex.quote(a) for a in ['--run-dir', d, *o])}) ;;"
-            for i, (d, o) in enumerate(array)
+            f"  {i})\n    CONFIG={shlex.quote(str(Path(d) / 'slurm' / 'config.yaml'))}\n"
+            f"{_config_block(task_cfg, '    ')}    ;;"
+            for i, ((d, _), (task_cfg, _)) in enumerate(zip(array, tasks, strict=True))
         )
         task_args = f'case "$SLURM_ARRAY_TASK_ID" in\n{cases}\nesac\n'
-        train_args += ' "${TASK_ARGS[@]}"'
+    else:
+        task_args = f"CONFIG={shlex.quote(str(Path(job.run_dir) / 'slurm' / 'config.yaml'))}\n{_config_block(cfg)}"
+    train_args = '--config "$CONFIG"'
     knobs = "\n".join(f"# export {k}={v}    # {why}" for k, v, why in NCCL_KNOBS)
+    signals = "\n".join(f"export {k}={v}" for k, v in SIGNAL_ENV.items())
     if job.container:
         runner = (
             f"srun --container-image={shlex.quote(job.container)} --container-workdir={shlex.quote(workdir)} "
@@ -173,8 +211,7 @@ export NCCL_ASYNC_ERROR_HANDLING=${{NCCL_ASYNC_ERROR_HANDLING:-1}}
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{1 if job.gpus_per_node else 1}}}
 # torchrun forwards USR1 to the ranks and gives them this long to save before it kills them
 # (torch >= 2.8 reads PET_SIGNALS_TO_HANDLE and overwrites the older TORCHELASTIC_ variable)
-export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+{signals}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={job.shutdown_timeout_s}
 
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -191,15 +228,25 @@ on_usr1() {{
 }}
 trap on_usr1 USR1
 
-{runner} --kill-on-bad-exit=1 {python} -m megatron_soda.training.torchrun \\
-  --nnodes={job.nodes} --nproc-per-node={job.ranks_per_node} \\
-  --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$SLURM_JOB_ID" \\
-  -m megatron_soda.training {train_args} &
-SRUN_PID=$!
+# a rank that crashed or hung (exit code 1; the hang watchdog's stacks are in RUN_DIR/hang/) restarts
+# the job step in place, resuming from latest, up to {job.max_restarts} time(s); a user error (2) does not
+ATTEMPT=0
 while true; do
-  wait "$SRUN_PID"
-  RC=$?
-  kill -0 "$SRUN_PID" 2>/dev/null || break  # wait returns early when the trap runs
+  SODA_ATTEMPT=$ATTEMPT {runner} --kill-on-bad-exit=1 {python} -m megatron_soda.training.torchrun \\
+    --nnodes={job.nodes} --nproc-per-node={job.ranks_per_node} \\
+    --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$SLURM_JOB_ID-$ATTEMPT" \\
+    -m megatron_soda.cli train {train_args} &
+  SRUN_PID=$!
+  while true; do
+    wait "$SRUN_PID"
+    RC=$?
+    kill -0 "$SRUN_PID" 2>/dev/null || break  # wait returns early when the trap runs
+  done
+  if [ "$PREEMPTED" = 1 ] || [ "$RC" != 1 ] || [ "$ATTEMPT" -ge {job.max_restarts} ]; then
+    break
+  fi
+  ATTEMPT=$((ATTEMPT + 1))
+  echo "[soda] a rank crashed or hung (exit 1): restarting the job step ($ATTEMPT of {job.max_restarts})"
 done
 if [ "$PREEMPTED" = 1 ]; then
   echo "[soda] requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
@@ -275,9 +322,9 @@ def submit(script: str, path: Path) -> str:
     return r.stdout.strip().split(";")[0]
 
 
-def slurm_job(job: SlurmJob, overrides: list[str]) -> None:
+def slurm_job(job: SlurmJob, overrides: dict) -> None:
     """`soda launch slurm`: sbatch a training run (srun + torchrun; USR1 -> checkpoint -> requeue)."""
-    job.overrides = list(overrides)
+    job.overrides = overrides
     script, path = render_train(job), Path(job.run_dir) / "slurm" / "train.sbatch"
     _submit_or_print(script, path, job.dry_run)
 

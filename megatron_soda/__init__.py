@@ -21,17 +21,17 @@ if not (_Path(__file__).parent / "kernels").is_dir() and all(
 __version__ = "0.1.0"
 
 
-def _cpu_only() -> bool:
-    try:
-        import torch
-
-        return not torch.cuda.is_available()
-    except ImportError:
-        return True
+def _gpu_visible() -> bool:
+    """Whether this process could see an NVIDIA GPU, without importing torch (2 s: `soda --help` must
+    not pay it). No device node, or CUDA_VISIBLE_DEVICES empty / -1, means torch would see none."""
+    if _os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return _os.path.exists("/dev/nvidiactl") or _os.path.isdir("/proc/driver/nvidia/gpus")
 
 
 # Without a GPU, Triton kernels only run in Triton's interpreter, and `@triton.jit` picks interpreted
 # or compiled at decoration time, including Triton's own helpers (tl.zeros, tl.sum ...) decorated when
 # megatron-core first imports Triton. So the switch must be set before anything imports Triton.
-if _cpu_only():
+# (megatron_soda.kernels repeats the check with torch for a node whose GPU torch cannot use.)
+if not _gpu_visible():
     _os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,263 +1,198 @@
-"""`soda <subcommand>`: the one entry point for user-facing jobs.
+"""`soda <subcommand>`: the one entry point for user-facing jobs (and for every training rank).
 
-Each subcommand is one function of the module that does the job, taking that module's config
-dataclass; the options are built from the dataclass (flag = field name with dashes, the field's
-default and type, help from its metadata), so a default is declared once, where the job is.
-`soda train` and `soda finetune` take `--section.key value` overrides of the run config instead.
+Each subcommand is one entry of COMMANDS: its config dataclass (the options, megatron_soda/options.py)
+and its job function, named as "module:attribute" so that only the command being run is imported.
+`soda --help` imports none of them, `soda <cmd> --help` only the module holding that command's
+config, which keeps torch, megatron-core and transformers out (tests/test_cli.py holds the import
+set). Commands that shape a training run also take `--section.key VALUE` overrides of the run
+config, passed to the job as a nested dict.
 
-Errors a user can fix (bad paths, bad settings, mismatched layouts: `UserError`, ValueError) end as
-one line on stderr and exit code 2; anything else is a bug and keeps its traceback (SODA_DEBUG=1
-keeps it for user errors too).
+Errors go through `config.report_error`: a UserError is one line and exit code 2, anything else is
+a bug and keeps its traceback (SODA_DEBUG=1 keeps it for user errors too).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import importlib
-import os
 import sys
-import types
-import typing
-from dataclasses import MISSING
+from dataclasses import dataclass
 
-from megatron_soda.config import USER_ERRORS, quiet_library_warnings
+from megatron_soda.config import quiet_library_warnings, report_error
 
-# name -> (module, config class, job function, help, extra flags go to the job). Nested dicts are
-# subcommand groups. Modules are imported only for the command that runs.
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    config: str  # "module:Class": its fields are the options; the module must be light to import
+    job: str  # "module:function", called with the config (and the overrides / the rest, below)
+    run_config: bool = False  # takes --section.key overrides of a run config: job(config, overrides)
+    sections: tuple[str, ...] = ("model", "parallel", "optim", "train", "data", "checkpoint")
+    run_dir: bool = False  # --run-dir is a run-config override (else the command's own option, if any)
+    withheld: str = ""  # why a run-config section left out of `sections` cannot be set here
+    passthrough: bool = False  # unparsed flags go to the job: job(config, rest)
+
+
 COMMANDS: dict = {
-    "corpus": (
-        "megatron_soda.tokenization.tiny_corpus",
-        "CorpusConfig",
-        "corpus_job",
+    "train": Command(
+        "train a model, or resume its run directory (--nproc N local ranks)",
+        "megatron_soda.training.spawn:TrainCommand",
+        "megatron_soda.training.spawn:train_job",
+        run_config=True,
+        run_dir=True,
+    ),
+    "finetune": Command(
+        "fine-tune a pretrained checkpoint on task shard sets (prompt tokens out of the loss)",
+        "megatron_soda.training.finetune:FinetuneCommand",
+        "megatron_soda.training.finetune:finetune_job",
+        run_config=True,
+        sections=("parallel", "optim", "train", "data", "checkpoint"),
+        run_dir=True,
+        withheld="--model.* cannot change in a fine-tune: the architecture is the pretrained checkpoint's",
+    ),
+    "corpus": Command(
         "make the bundled tiny espeak-ng corpus (demo and tests)",
-        False,
+        "megatron_soda.tokenization.tiny_corpus:CorpusConfig",
+        "megatron_soda.tokenization.tiny_corpus:corpus_job",
     ),
-    "tokenizer": (
-        "megatron_soda.tokenization.text_tokenizer",
-        "TokenizerConfig",
-        "tokenizer_job",
+    "tokenizer": Command(
         "build the SODA tokenizer (text tokenizer + delimiters + audio tokens)",
-        False,
+        "megatron_soda.tokenization.text_tokenizer:TokenizerConfig",
+        "megatron_soda.tokenization.text_tokenizer:tokenizer_job",
     ),
-    "prepare": (
-        "megatron_soda.tokenization.prepare",
-        "PrepareConfig",
-        "prepare_job",
+    "prepare": Command(
         "tokenize audio/transcripts/text into packed WebDataset shards",
-        False,
+        "megatron_soda.tokenization.prepare:PrepareConfig",
+        "megatron_soda.tokenization.prepare:prepare_job",
     ),
-    "inspect": (
-        "megatron_soda.tools.inspect",
-        "InspectConfig",
-        "inspect_job",
+    "inspect": Command(
         "a shard set (decode a few samples) or a checkpoint (config, shapes)",
-        False,
+        "megatron_soda.tools.inspect:InspectConfig",
+        "megatron_soda.tools.inspect:inspect_job",
     ),
-    "export-hf": (
-        "megatron_soda.checkpoints_tools.hf_export",
-        "ExportConfig",
-        "export_job",
+    "export-hf": Command(
         "megatron checkpoint (any layout) -> Hugging Face Qwen3 folder",
-        False,
+        "megatron_soda.checkpoints_tools.hf_export:ExportConfig",
+        "megatron_soda.checkpoints_tools.hf_export:export_job",
     ),
-    "import-hf": (
-        "megatron_soda.checkpoints_tools.hf_import",
-        "ImportConfig",
-        "import_job",
+    "import-hf": Command(
         "Hugging Face Qwen3 folder -> megatron checkpoint (init_from)",
-        False,
+        "megatron_soda.checkpoints_tools.hf_import:ImportConfig",
+        "megatron_soda.checkpoints_tools.hf_import:import_job",
     ),
     "bench": {
-        "loader": (
-            "megatron_soda.tools.bench.loader",
-            "LoaderBenchConfig",
-            "bench_job",
+        "loader": Command(
             "training data loader tokens/s per worker",
-            False,
+            "megatron_soda.tools.bench.loader:LoaderBenchConfig",
+            "megatron_soda.tools.bench.loader:bench_job",
         ),
-        "kernels": (
-            "megatron_soda.tools.bench.kernels",
-            "KernelBenchConfig",
-            "bench_job",
+        "kernels": Command(
             "fused embedding / linear+CE / RMSNorm / RoPE vs megatron-core, torch and peers (fwd+bwd)",
-            False,
+            "megatron_soda.tools.bench.kernels:KernelBenchConfig",
+            "megatron_soda.tools.bench.kernels:bench_job",
         ),
-        "train": (
-            "megatron_soda.tools.bench.train",
-            "TrainBenchConfig",
-            "bench_job",
+        "train": Command(
             "training tokens/s, TFLOP/s, MFU, step split and peak memory; ours vs transformers, kernels "
-            "and speed levers off (extra --section.key value flags override the preset, as in `soda train`)",
-            True,
+            "and speed levers off (--section.key flags override the preset, as in `soda train`)",
+            "megatron_soda.tools.bench.train:TrainBenchConfig",
+            "megatron_soda.tools.bench.train:bench_job",
+            run_config=True,
         ),
-        "readers": (
-            "megatron_soda.tools.bench.readers",
-            "ReadersBenchConfig",
-            "bench_job",
-            "soda prepare's corpus-file readers (JSONL, .gz, .zst, Parquet): records/s, MB/s, audio-hours/s",
-            False,
+        "readers": Command(
+            "soda prepare's corpus-file readers (every registered format): records/s, MB/s, audio-hours/s",
+            "megatron_soda.tools.bench.readers:ReadersBenchConfig",
+            "megatron_soda.tools.bench.readers:bench_job",
         ),
-        "tokenize": (
-            "megatron_soda.tools.bench.tokenize",
-            "TokenizeBenchConfig",
-            "bench_job",
+        "report": Command(
+            "render docs/PERFORMANCE.md's measurement tables from the rows in docs/bench (--check: do they match)",
+            "megatron_soda.tools.bench.report:ReportConfig",
+            "megatron_soda.tools.bench.report:report_job",
+        ),
+        "startup": Command(
+            "how long soda takes to answer --help and a refusal (median wall seconds, fresh processes)",
+            "megatron_soda.tools.bench.startup:StartupBenchConfig",
+            "megatron_soda.tools.bench.startup:bench_job",
+        ),
+        "tokenize": Command(
             "Mimi encoding throughput (audio-seconds per wall-second), batched",
-            False,
+            "megatron_soda.tools.bench.tokenize:TokenizeBenchConfig",
+            "megatron_soda.tools.bench.tokenize:bench_job",
         ),
     },
-    "plot": ("megatron_soda.tools.plots", "PlotConfig", "plot_job", "loss curves of a training run as a PNG", False),
-    "generate": (
-        "megatron_soda.generate",
-        "GenerateConfig",
-        "generate_job",
-        "continue audio/text prompts (asr, tts, s2st, continue) -> WAV + text",
-        False,
+    "plot": Command(
+        "loss curves of a training run as a PNG",
+        "megatron_soda.tools.plots:PlotConfig",
+        "megatron_soda.tools.plots:plot_job",
     ),
-    "eval": (
-        "megatron_soda.evals",
-        "EvalConfig",
-        "eval_job",
-        "likelihood benchmarks, ASR (WER), S2ST (ASR-BLEU) -> JSON + Markdown report",
-        False,
+    "generate": Command(
+        "continue audio/text prompts (asr, tts, s2st, continue) -> WAV + text",
+        "megatron_soda.generate:GenerateConfig",
+        "megatron_soda.generate:generate_job",
+    ),
+    "eval": Command(
+        "likelihood benchmarks, ASR (WER), TTS, S2ST (ASR-BLEU) -> JSON + Markdown report",
+        "megatron_soda.evals:EvalConfig",
+        "megatron_soda.evals:eval_job",
     ),
     "launch": {
-        "slurm": (
-            "megatron_soda.launch.slurm",
-            "SlurmJob",
-            "slurm_job",
+        "slurm": Command(
             "sbatch a training run: srun + torchrun, USR1 -> checkpoint -> requeue "
-            "(extra --section.key value flags override the config)",
-            True,
+            "(--section.key flags override the config)",
+            "megatron_soda.launch.slurm:SlurmJob",
+            "megatron_soda.launch.slurm:slurm_job",
+            run_config=True,
         ),
-        "prepare": (
-            "megatron_soda.launch.slurm",
-            "PrepareArray",
-            "prepare_array_job",
+        "prepare": Command(
             "sbatch a job array of `soda prepare` over disjoint slices (extra flags go to soda prepare)",
-            True,
+            "megatron_soda.launch.slurm:PrepareArray",
+            "megatron_soda.launch.slurm:prepare_array_job",
+            passthrough=True,
         ),
-        "isoflop": (
-            "megatron_soda.tools.isoflop.run",
-            "IsoflopArray",
-            "launch_array_job",
+        "isoflop": Command(
             "sbatch a planned IsoFLOP grid as a job array: one resumable run per task, runs.csv gathered "
-            "(extra flags go to every run)",
-            True,
+            "(--section.key flags go to every run)",
+            "megatron_soda.tools.isoflop.run:IsoflopArray",
+            "megatron_soda.tools.isoflop.run:launch_array_job",
+            run_config=True,
         ),
     },
     "isoflop": {
-        "plan": (
-            "megatron_soda.tools.isoflop.plan",
-            "PlanConfig",
-            "plan_job",
+        "plan": Command(
             "budgets x widths -> training configs + plan.csv",
-            False,
+            "megatron_soda.tools.isoflop.plan:PlanConfig",
+            "megatron_soda.tools.isoflop.plan:plan_job",
         ),
-        "run": (
-            "megatron_soda.tools.isoflop.run",
-            "RunConfig",
-            "run_job",
-            "train the planned grid (resumable) and write runs.csv (extra flags go to every run)",
-            True,
+        "run": Command(
+            "train the planned grid (resumable) and write runs.csv (--section.key flags go to every run)",
+            "megatron_soda.tools.isoflop.run:RunConfig",
+            "megatron_soda.tools.isoflop.run:run_job",
+            run_config=True,
         ),
-        "fit": (
-            "megatron_soda.tools.isoflop.run",
-            "FitConfig",
-            "fit_job",
+        "fit": Command(
             "fit N*, D* power laws (+ parametric L(N, D)) and plot",
-            False,
+            "megatron_soda.tools.isoflop.run:FitConfig",
+            "megatron_soda.tools.isoflop.run:fit_job",
         ),
     },
 }
 
 
-# --- options from a config dataclass --------------------------------------------------------------
+def load(name: str):
+    """ "module:attribute" -> the attribute (importing only that module)."""
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def _unwrap(tp):
-    """(base type, item type for lists, optional) of a field's annotation."""
-    optional = False
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional, tp = True, args[0]
-    if typing.get_origin(tp) is list:
-        return list, typing.get_args(tp)[0], optional
-    return tp, None, optional
-
-
-def _comma_list(item: type):
-    def parse(text: str) -> list:
-        return [item(x) for x in text.split(",") if x.strip()]
-
-    parse.__name__ = f"comma list of {item.__name__}"
-    return parse
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One argument per field of `cls`. Metadata: help, flag (another name), positional, choices,
-    metavar, action "append" / nargs (lists given as repeated flags / several values; other lists
-    are comma-separated), cli False (not an option). A field without a default is required."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if meta.get("cli", True) is False:
-            continue
-        base, item, _ = _unwrap(hints[f.name])
-        has_default = f.default is not MISSING or f.default_factory is not MISSING
-        default = f.default if f.default is not MISSING else (f.default_factory() if has_default else None)
-        kw: dict = {"help": meta.get("help")}
-        if "choices" in meta:
-            kw["choices"] = meta["choices"]
-        if "metavar" in meta:
-            kw["metavar"] = meta["metavar"]
-        if meta.get("positional"):
-            parser.add_argument(f.name, type=base if base is not list else str, **kw)
-            continue
-        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        if base is bool:
-            if default:  # on by default: the flag turns it off
-                parser.add_argument(flag.replace("--", "--no-", 1), dest=f.name, action="store_false", **kw)
-            else:
-                parser.add_argument(flag, dest=f.name, action="store_true", **kw)
-            continue
-        if base is list:
-            if meta.get("action") == "append":
-                kw.update(action="append", type=item)
-            elif "nargs" in meta:
-                kw.update(nargs=meta["nargs"], type=item)
-            else:
-                kw["type"] = _comma_list(item)
-                if default:
-                    kw["help"] = f"{kw['help'] or 'comma list'} (default {','.join(str(x) for x in default)})"
-        else:
-            kw["type"] = base
-        if has_default:
-            kw["default"] = default
-        else:
-            kw["required"] = True
-        parser.add_argument(flag, dest=f.name, **kw)
-
-
-def config_from_args(cls, ns: argparse.Namespace):
-    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True) is not False]
-    return cls(**{n: getattr(ns, n) for n in names})
-
-
-def _add_commands(sub, table: dict, path: tuple[str, ...]) -> None:
+def leaves(table: dict = COMMANDS, path: tuple[str, ...] = ()):
+    """(path, Command) of every subcommand, groups walked."""
     for name, spec in table.items():
         if isinstance(spec, dict):
-            p = sub.add_parser(name, help=f"{name} jobs")
-            _add_commands(p.add_subparsers(dest="_".join((*path, name)), required=True), spec, (*path, name))
-            continue
-        module, cls_name, fn, help_text, _ = spec
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_spec=spec)
-        add_config_args(p, getattr(importlib.import_module(module), cls_name))
+            yield from leaves(spec, (*path, name))
+        else:
+            yield (*path, name), spec
 
 
-def _wants(argv: list[str]) -> tuple[str, ...]:
-    """The subcommand path named on the command line (only those modules are imported)."""
+def _wanted(argv: list[str]) -> tuple[str, ...]:
+    """The subcommand path named on the command line (only that one's module is imported)."""
     node, path = COMMANDS, ()
     for a in argv:
         if not isinstance(node, dict) or a not in node:
@@ -266,61 +201,62 @@ def _wants(argv: list[str]) -> tuple[str, ...]:
     return path
 
 
-# --- train / finetune: run-config overrides -----------------------------------------------------
+def build_parser(wanted: tuple[str, ...]):
+    """The parser of `soda`: every subcommand listed with its help; options only for `wanted`."""
+    from megatron_soda.options import Parser, add_dataclass_options, add_run_config_options
 
+    parser = Parser(prog="soda", description="megatron-soda: SODA audio foundation models")
 
-def train_command(argv: list[str]) -> int:
-    """`soda train [--nproc N] --config ... [--section.key value ...]` (training/spawn.py starts the ranks)."""
-    from megatron_soda.training import spawn
+    def add(sub, table: dict, path: tuple[str, ...]) -> None:
+        for name, spec in table.items():
+            here = (*path, name)
+            if isinstance(spec, dict):
+                p = sub.add_parser(name, help=f"{name} jobs: " + ", ".join(spec), description=f"soda {name} jobs")
+                add(p.add_subparsers(dest=" ".join(here), metavar="JOB", required=True), spec, here)
+                continue
+            usage = f"soda {' '.join(here)} [-h] [options] [--section.key VALUE ...]" if spec.run_config else None
+            p = sub.add_parser(name, help=spec.help, description=spec.help, usage=usage)
+            if here == wanted:
+                add_dataclass_options(p, load(spec.config))
+                if spec.run_config:
+                    add_run_config_options(p, spec.sections, spec.run_dir)
 
-    try:
-        nproc, rest = spawn.split_nproc(argv)
-    except ValueError as e:
-        print(f"soda train: error: {e}", file=sys.stderr)
-        return 2
-    return spawn.train(nproc, rest)
+    add(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), COMMANDS, ())
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    quiet_library_warnings()  # before anything imports megatron-core (building the parser does)
-    if argv and argv[0] == "train":
-        return train_command(argv[1:])
-    if argv and argv[0] == "finetune":
-        from megatron_soda.training.finetune import main as finetune_main
-
-        return finetune_main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="soda",
-        description="megatron-soda: SODA audio foundation models",
-        epilog="soda train --config configs/<preset>.yaml [--nproc N] "
-        "[--section.key value ...]: train (see `soda train --help`); "
-        "soda finetune --init-from RUN --run-dir DIR ...: fine-tune (see `soda finetune --help`)",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    wanted = _wants(argv)
-    table = {k: v for k, v in COMMANDS.items() if not wanted or k == wanted[0]}  # --help lists every command
-    _add_commands(sub, table, ())
-    spec_of = COMMANDS
-    for name in wanted:
-        spec_of = spec_of[name]
-    passes_rest = isinstance(spec_of, tuple) and spec_of[4]
-    args, rest = parser.parse_known_args(argv) if passes_rest else (parser.parse_args(argv), [])
-    module, cls_name, fn_name, _, _ = args._spec
-    mod = importlib.import_module(module)
-    job = getattr(mod, fn_name)
+    quiet_library_warnings()  # before anything imports megatron-core
+    wanted = _wanted(argv)
+    prog = " ".join(("soda", *wanted))
     try:
-        cfg = config_from_args(getattr(mod, cls_name), args)
-        job(cfg, rest) if passes_rest else job(cfg)
-    except KeyboardInterrupt:
-        print("soda: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as e:
-        if os.environ.get("SODA_DEBUG"):  # the full traceback, for bug reports
-            raise
-        print(f"soda {' '.join(wanted) or args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        from megatron_soda.options import dataclass_from_args, parse_command
+
+        spec = COMMANDS
+        for name in wanted:
+            spec = spec[name]
+        command = spec if isinstance(spec, Command) else None
+        parser = build_parser(wanted if command else ())
+        if command is None:
+            parser.parse_args(argv)  # --help, or the one-line error naming what is missing
+            return 2
+        ns, overrides, rest = parse_command(
+            parser, argv, command.run_config, command.passthrough, command.sections, command.withheld
+        )
+        cfg = dataclass_from_args(load(command.config), ns)
+        job = load(command.job)
+        if command.run_config:
+            result = job(cfg, overrides)
+        elif command.passthrough:
+            result = job(cfg, rest)
+        else:
+            result = job(cfg)
+    except SystemExit as e:  # argparse's --help
+        return e.code if isinstance(e.code, int) else 0
+    except BaseException as e:  # noqa: BLE001 - the one printer decides what to show
+        return report_error(e, prog)
+    return result if type(result) is int else 0  # jobs return an exit code, or what they made
 
 
 if __name__ == "__main__":

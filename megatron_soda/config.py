@@ -12,68 +12,126 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 
 class UserError(Exception):
     """An error the user can act on (a setting, a path, the data, a run that diverged): reported as
-    one line naming what and where, without a traceback. Anything else is a bug and keeps its
-    traceback, on every rank."""
+    one line naming what and where, without a traceback, by `report_error`. Anything else is a bug
+    and keeps its traceback, on the rank that hit it."""
 
 
-# What a user can fix from the message alone (a setting, a path, the data): reported as one line by
-# the CLI, every training rank and child processes. Anything else (RuntimeError, OSError ...) is a bug
-# or a broken machine and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, FileExistsError)
+# What a user can fix from the message alone. Deliberately only UserError: a ValueError or an
+# OSError that no code of ours raised on purpose is a bug (or a broken machine) and keeps its
+# traceback; every error we raise for bad input subclasses UserError.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
 
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot run: one line naming the key and what was expected."""
 
 
+def report_error(error: BaseException, prog: str, rank: int | None = None) -> int:
+    """The one error printer of every entry point (CLI, training ranks, child processes): a
+    UserError is one line (prefixed with the rank when there are several), an interrupt one line,
+    anything else its traceback; returns the exit code (2 user error, 130 interrupt, 1 bug).
+    SODA_DEBUG=1 keeps the traceback of user errors too."""
+    import os
+    import sys
+    import traceback
+
+    where = f"[rank {rank}] " if rank is not None else ""
+    if isinstance(error, KeyboardInterrupt):
+        print(f"{where}{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    full = no_space_error(error)
+    if isinstance(error, USER_ERRORS) or full is not None:
+        if os.environ.get("SODA_DEBUG"):
+            traceback.print_exception(error)
+        text = (
+            error if full is None else f"no space left on device writing {full.filename or 'a file'} ({full.strerror})"
+        )
+        # several ranks share a terminal: start a line of our own, whatever another rank's progress bar left
+        print(f"{chr(10) if where else ''}{where}{prog}: error: {text}", file=sys.stderr, flush=True)
+        return 2
+    text = "".join(traceback.format_exception(error))
+    print("".join(f"{where}{line}\n" for line in text.rstrip().splitlines()), end="", file=sys.stderr, flush=True)
+    return 1
+
+
+def no_space_error(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind `error`, if a full disk or quota is what failed (a user
+    can act on that: one line, not a traceback)."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def opt(default, help: str = "", **meta):
+    """A config field with its help text (shown by `soda train --help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+Device = Literal["auto", "cuda", "cpu"]
+
+
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # shard-set directories (outputs of `soda prepare`)
-    val_paths: list[str] = field(default_factory=list)  # held-out shard sets for validation loss
-    weights: list[float] | None = None  # sampling weights per path; default (said in the log): by size
-    names: list[str] = field(default_factory=list)  # the sources the paths stand for (presets: the paper's mixture)
-    seed: int = 1234
-    num_workers: int = 2
-    skip_corrupt: bool = False
-    verify_checksums: bool = True  # each sample read is checked against its CRC-32 (soda bench loader: the cost)
-    max_corrupt_fraction: float = 0.01  # with skip_corrupt: stop when more of the data read so far is corrupt
-    blend_block: int = 4096  # mixture proportions are exact within every block of this many samples
+    paths: list[str] = opt([], "shard-set directories (outputs of `soda prepare`)")
+    val_paths: list[str] = opt([], "held-out shard sets for the validation loss")
+    weights: list[float] | None = opt(None, "sampling weight per path; default (said in the log): by size")
+    names: list[str] = opt([], "the sources the paths stand for (presets: the paper's mixture)")
+    seed: int = opt(1234, "seed of the mixture and the per-set shuffles")
+    num_workers: int = opt(2, "DataLoader worker processes per rank")
+    skip_corrupt: bool = opt(False, "mask corrupt samples (counted) instead of stopping")
+    verify_checksums: bool = opt(True, "check each sample read against its CRC-32")
+    max_corrupt_fraction: float = opt(0.01, "with skip_corrupt: stop when more of the data read so far is corrupt")
+    blend_block: int = opt(4096, "mixture proportions are exact within every block of this many samples")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
-    hidden_size: int = 64
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    num_query_groups: int = 2  # KV heads (GQA); = num_attention_heads for MHA
-    head_dim: int = 16
-    ffn_hidden_size: int = 128
-    vocab_size: int = 144_644  # the token layout's; checked against the shards
-    vocab_pad_multiple: int = 1024  # 128 x 8: any TP in {1, 2, 4, 8} splits it, so checkpoints reshard
-    tie_embeddings: bool = False
-    norm_eps: float = 1e-5
-    rope_theta: float = 500_000.0
-    rope_llama3_scaling: bool = True  # factor 8, low 1, high 4, original 8192 (as SODA / Llama-3)
-    rope_scaling_factor: float = 8.0
-    init_std: float = 0.02
-    init: str = "layout_invariant"  # layout_invariant: same weights under any TP/PP/DP | megatron: per-rank RNG
-    transformer_impl: str = "auto"  # auto | transformer_engine | local
-    attention_backend: str = "auto"  # auto | flash_attn | sdpa (local implementation only)
-    embedding_impl: str = "auto"  # the embedding seam: torch | triton (fused kernel) | auto (triton on GPU)
-    output_impl: str = (
-        "auto"  # the output seam: torch (logits, then CE) | fused (Triton, chunked) | auto (fused on GPU)
+    name: str = opt("tiny", "the model's name in logs and exports")
+    hidden_size: int = opt(64)
+    num_layers: int = opt(4)
+    num_attention_heads: int = opt(4)
+    num_query_groups: int = opt(2, "KV heads (GQA); = num_attention_heads for MHA")
+    head_dim: int = opt(16)
+    ffn_hidden_size: int = opt(128)
+    vocab_size: int = opt(144_644, "the token layout's size, checked against the shards; 0: take it from them")
+    vocab_pad_multiple: int = opt(1024, "128 x 8: any TP in {1, 2, 4, 8} splits it, so checkpoints reshard")
+    tie_embeddings: bool = opt(False)
+    norm_eps: float = opt(1e-5)
+    rope_theta: float = opt(500_000.0)
+    rope_llama3_scaling: bool = opt(True, "Llama-3 RoPE scaling (factor, low 1, high 4, original 8192), as SODA")
+    rope_scaling_factor: float = opt(8.0)
+    init_std: float = opt(0.02)
+    init: Literal["layout_invariant", "megatron"] = opt(
+        "layout_invariant", "layout_invariant: the same weights under any TP/PP/DP; megatron: per-rank RNG"
     )
-    ce_chunk_tokens: int = 4096  # tokens per chunk of the fused output layer (its peak logits memory)
-    norm_impl: str = "auto"  # layer norms and QK-norm: torch | triton | auto (triton on GPU)
-    rope_impl: str = "auto"  # rotary embedding: torch (megatron's unfused) | triton (one kernel) | auto
-    wgrad_impl: str = "auto"  # weight gradients: torch | main_grad (GEMM accumulates into fp32 main_grad) | auto
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = opt("auto", "layer implementation")
+    attention_backend: Literal["auto", "flash_attn", "sdpa"] = opt("auto", "attention kernel (local layers)")
+    # speed switches (SWITCHES below): auto, the fast implementation, the torch reference
+    embedding_impl: Literal["auto", "triton", "torch"] = opt("auto", "input embedding: triton is the fused kernel")
+    output_impl: Literal["auto", "fused", "torch"] = opt(
+        "auto", "output layer + CE: fused (Triton, chunked, no full logits) or torch (logits, then CE)"
+    )
+    ce_chunk_tokens: int = opt(4096, "tokens per chunk of the fused output layer (its peak logits memory)")
+    norm_impl: Literal["auto", "triton", "torch"] = opt("auto", "layer norms and QK-norm")
+    rope_impl: Literal["auto", "triton", "torch"] = opt("auto", "rotary embedding: triton is one kernel")
+    wgrad_impl: Literal["auto", "main_grad", "torch"] = opt(
+        "auto", "weight gradients: main_grad accumulates the GEMM into megatron's fp32 main_grad"
+    )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -82,67 +140,76 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1  # model chunks per pipeline rank: > 1 selects interleaved 1F1B
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False  # ZeRO-1 over DP
-    overlap_grad_reduce: bool = False
-    recompute: str = "none"  # none | selective | full
-    cuda_graph: str = "auto"  # none | full_iteration (forward+backward of a step as one CUDA graph) | auto (GPU, PP 1)
+    tp: int = opt(1, "tensor-parallel degree")
+    pp: int = opt(1, "pipeline-parallel degree")
+    vpp: int = opt(1, "model chunks per pipeline rank: > 1 selects interleaved 1F1B")
+    sequence_parallel: bool = opt(False, "shard activations over TP between the tensor-parallel regions")
+    distributed_optimizer: bool = opt(False, "ZeRO-1: optimizer state sharded over DP")
+    overlap_grad_reduce: bool = opt(False, "overlap the DP gradient reduction with backward")
+    recompute: Literal["none", "selective", "full"] = opt("none", "activation recomputation")
+    cuda_graph: Literal["auto", "full_iteration", "none"] = opt(
+        "auto", "full_iteration: a step's forward+backward as one CUDA graph (auto: GPU, small models, PP 1)"
+    )
 
 
 @dataclass
 class OptimConfig:
-    lr: float | None = None  # peak LR; None: the paper's rule from batch and width (`paper_peak_lr`)
-    lr_rule_width: int = 0  # the width in that rule (0: model.hidden_size; the paper's 135M run used 1024)
-    min_lr: float = 0.0
-    beta1: float = 0.98
-    beta2: float = 0.98
-    eps: float = 1e-16
-    weight_decay: float = 0.033
-    clip_grad: float = 1.0
-    schedule: str = "wsd"  # wsd | cosine | constant
-    warmup_fraction: float = 0.1
-    decay_fraction: float = 0.2  # wsd: linear decay to min_lr over the last fraction of steps
-    z_loss: float = 1e-4
-    adam_impl: str = "auto"  # foreach (megatron's torch fallback) | fused (one kernel, no per-tensor syncs) | auto
-    adamc: bool = True  # AdamC: weight decay follows lr / max_lr through the schedule (as the paper's runs)
-    embedding_weight_decay: bool = False  # the paper decays no input embedding (the untied LM head is decayed)
-    cautious: bool = False  # Cautious Adam (the paper's optimizer): drop update entries against the gradient's sign
+    lr: float | None = opt(None, "peak LR; unset: the paper's rule from batch and width (logged)")
+    lr_rule_width: int = opt(0, "the width in the LR rule (0: model.hidden_size; the paper's 135M run used 1024)")
+    min_lr: float = opt(0.0)
+    beta1: float = opt(0.98)
+    beta2: float = opt(0.98)
+    eps: float = opt(1e-16)
+    weight_decay: float = opt(0.033)
+    clip_grad: float = opt(1.0, "gradient-norm clipping (0: off)")
+    schedule: Literal["wsd", "cosine", "constant"] = opt("wsd", "LR schedule")
+    warmup_fraction: float = opt(0.1)
+    decay_fraction: float = opt(0.2, "wsd: linear decay to min_lr over the last fraction of steps")
+    z_loss: float = opt(1e-4)
+    adam_impl: Literal["auto", "fused", "foreach"] = opt(
+        "auto", "fused: one kernel, no per-tensor syncs; foreach: megatron's torch fallback"
+    )
+    adamc: bool = opt(True, "AdamC: weight decay follows lr / max_lr through the schedule (as the paper's runs)")
+    embedding_weight_decay: bool = opt(False, "decay the input embedding too (the paper does not)")
+    cautious: bool = opt(False, "Cautious Adam: drop update entries against the gradient's sign")
 
 
 @dataclass
 class TrainConfig:
-    seq_length: int = 4096
-    micro_batch_size: int = 1
-    global_batch_size: int = 512
-    steps: int = 1000
-    seed: int = 1234
-    device: str = "auto"  # auto | cuda | cpu
-    log_interval: int = 1
-    eval_interval: int = 0  # 0: no validation
-    eval_batches: int = 4
-    exit_interval: int = 0  # save and exit after every this many steps (job-length limits; resume continues)
-    max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
-    peak_tflops: float = 0.0  # per device, for MFU; 0: known GPUs are detected, else no MFU
-    tensorboard: bool = True
-    wandb_project: str = ""  # log to W&B too when set and wandb is installed
-    debug_nan_steps: list[int] = field(default_factory=list)  # fault injection (1-based steps): NaN loss there
+    seq_length: int = opt(4096)
+    micro_batch_size: int = opt(1)
+    global_batch_size: int = opt(512)
+    steps: int = opt(1000)
+    seed: int = opt(1234)
+    device: Device = opt("auto", "cpu: megatron-core on gloo (fp32); auto: cuda when torch sees a GPU")
+    log_interval: int = opt(1)
+    eval_interval: int = opt(0, "steps between validations (0: none)")
+    eval_batches: int = opt(4, "global batches per validation")
+    exit_interval: int = opt(0, "save and exit after every this many steps (job-length limits; resume continues)")
+    max_skipped_steps: int = opt(5, "consecutive non-finite steps before the run stops")
+    hang_timeout_s: float = opt(
+        1800.0, "a rank that finishes no step in this long dumps its stacks to RUN_DIR/hang/ and exits (0: off)"
+    )
+    straggler_interval: int = opt(100, "steps between reports of the slowest rank (0: off)")
+    peak_tflops: float = opt(0.0, "per device, for MFU; 0: known GPUs are detected, else no MFU")
+    tensorboard: bool = opt(True)
+    wandb_project: str = opt("", "log to W&B too when set and wandb is installed")
+    debug_nan_steps: list[int] = opt([], "fault injection (1-based steps): a NaN loss there")
+    debug_slow_rank: list[float] = opt([], "fault injection: [rank, seconds] that rank sleeps in every step")
 
 
 @dataclass
 class CheckpointConfig:
-    save_interval: int = 0  # 0: only at the end and on preemption
-    keep_last: int = 3
-    async_save: bool = False
-    init_from: str = ""  # weights only (a fresh run starting from them)
-    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    save_interval: int = opt(0, "steps between saves (0: only at the end and on preemption)")
+    keep_last: int = opt(3)
+    async_save: bool = opt(False)
+    init_from: str = opt("", "weights only, from a checkpoint of any layout (a fresh run starting from them)")
+    resume: bool = opt(True, "continue from run_dir/checkpoints/latest when it exists")
 
 
 @dataclass
 class SodaConfig:
-    run_dir: str = "runs/default"
+    run_dir: str = opt("runs/default", "checkpoints, config, TensorBoard logs and metrics.jsonl go here")
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -154,33 +221,70 @@ class SodaConfig:
         return dataclasses.asdict(self)
 
 
-# Speed switches: name -> (section, key, implementations with the fast one first); each also takes
-# `auto` (megatron_soda/model/fast_paths.py resolves it per device).
-IMPL_CHOICES = {
-    "embedding": ("model", "embedding_impl", ("triton", "torch")),
-    "output": ("model", "output_impl", ("fused", "torch")),
-    "norm": ("model", "norm_impl", ("triton", "torch")),
-    "rope": ("model", "rope_impl", ("triton", "torch")),
-    "wgrad": ("model", "wgrad_impl", ("main_grad", "torch")),
-    "adam": ("optim", "adam_impl", ("fused", "foreach")),
-    "cuda_graph": ("parallel", "cuda_graph", ("full_iteration", "none")),
+# Speed switches: name -> (section, key). Each field's Literal type lists `auto`, then the fast
+# implementation, then the torch reference; megatron_soda/model/fast_paths.py resolves `auto`.
+SWITCHES = {
+    "embedding": ("model", "embedding_impl"),
+    "output": ("model", "output_impl"),
+    "norm": ("model", "norm_impl"),
+    "rope": ("model", "rope_impl"),
+    "wgrad": ("model", "wgrad_impl"),
+    "adam": ("optim", "adam_impl"),
+    "cuda_graph": ("parallel", "cuda_graph"),
 }
 
 
-def impl_setting(cfg: SodaConfig, name: str) -> str:
-    section, key, _ = IMPL_CHOICES[name]
+def switch_options(name: str) -> tuple[str, str]:
+    """(fast, reference) implementation of speed switch `name`, from its field's Literal type."""
+    section, key = SWITCHES[name]
+    cls = type(getattr(SodaConfig(), section))
+    auto, fast, reference = typing.get_args(typing.get_type_hints(cls)[key])
+    return fast, reference
+
+
+def switch_setting(cfg: SodaConfig, name: str) -> str:
+    section, key = SWITCHES[name]
     return getattr(getattr(cfg, section), key)
 
 
-def check_impls(cfg: SodaConfig) -> None:
-    for name, (section, key, options) in IMPL_CHOICES.items():
-        value = impl_setting(cfg, name)
-        if value not in ("auto", *options):
-            raise ConfigError(f"{section}.{key}: expected auto, {' or '.join(options)}, got {value!r}")
+def num_micro_batches(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+    """Micro-batches per rank and step: the one place the global batch is divided (the loader
+    yields that many per step; `validate` refuses a batch that does not divide)."""
+    if global_batch_size % (micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size {global_batch_size} is not divisible by "
+            f"micro_batch_size {micro_batch_size} x data-parallel size {dp}"
+        )
+    return global_batch_size // (micro_batch_size * dp)
+
+
+MAX_MICRO_BATCHES = 1 << 20  # per rank and step: more is a typo (global_batch_size 2**40), not a run
+MAX_STATE_BYTES = 1 << 44  # 16 TiB of training state per rank: no device or host holds a model that large
+
+
+def model_state_bytes(m: ModelConfig, model_parallel: int) -> float:
+    """Weights, gradients and Adam state per rank at 16 bytes per parameter: the parameters counted
+    from the shape alone (matmuls, norms, both embeddings), split over TP x PP."""
+    attn = m.hidden_size * m.head_dim * (2 * m.num_attention_heads + 2 * m.num_query_groups)
+    mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    params = m.num_layers * (attn + mlp) + 2 * m.hidden_size * m.padded_vocab_size
+    return 16.0 * params / model_parallel
+
+
+def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
+    if world_size % (parallel.tp * parallel.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tp {parallel.tp} x pp {parallel.pp}")
+    return world_size // (parallel.tp * parallel.pp)
 
 
 def _check_type(value, tp, where: str):
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            names = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+            raise ConfigError(f"{where}: expected {names}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -250,6 +354,11 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def check_overrides(values: dict) -> None:
+    """Unknown keys and wrongly typed values of a nested override dict, as a ConfigError."""
+    _fill(SodaConfig(), values, "")
+
+
 def config_from_dict(values: dict) -> SodaConfig:
     """A config saved with a checkpoint (`SodaConfig.to_dict()`) back to its dataclasses."""
     cfg = SodaConfig()
@@ -307,25 +416,23 @@ def save_config(cfg: SodaConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def check_types(obj, prefix: str = "") -> None:
+    """Every field of a config (and its sections) against its annotation: what `load_config`
+    checks on the way in, again for a config changed in code."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{prefix}{f.name}.")
+        else:
+            _check_type(value, hints[f.name], f"{prefix}{f.name}")
+
+
 def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
     """Every layout/shape error as one clear message before any work starts; returns the DP degree.
     `need_data=False` for jobs that feed their own batches (the benchmarks)."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    if m.transformer_impl not in ("auto", "transformer_engine", "local"):
-        raise ConfigError(
-            f"model.transformer_impl: expected auto, transformer_engine or local, got {m.transformer_impl!r}"
-        )
-    if m.attention_backend not in ("auto", "flash_attn", "sdpa"):
-        raise ConfigError(f"model.attention_backend: expected auto, flash_attn or sdpa, got {m.attention_backend!r}")
-    check_impls(cfg)
-    if m.init not in ("layout_invariant", "megatron"):
-        raise ConfigError(f"model.init: expected layout_invariant or megatron, got {m.init!r}")
-    if p.recompute not in ("none", "selective", "full"):
-        raise ConfigError(f"parallel.recompute: expected none, selective or full, got {p.recompute!r}")
-    if cfg.optim.schedule not in ("wsd", "cosine", "constant"):
-        raise ConfigError(f"optim.schedule: expected wsd, cosine or constant, got {cfg.optim.schedule!r}")
-    if t.device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"train.device: expected auto, cuda or cpu, got {t.device!r}")
+    check_types(cfg)
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     if min(p.tp, p.pp, p.vpp) < 1:
         raise ConfigError("parallel.tp, parallel.pp and parallel.vpp must be >= 1")
     for where, value in (
@@ -341,9 +448,7 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
     ):
         if value < 1:
             raise ConfigError(f"{where} must be >= 1, got {value}")
-    if world_size % (p.tp * p.pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tp {p.tp} x pp {p.pp}")
-    dp = world_size // (p.tp * p.pp)
+    dp = data_parallel_size(p, world_size)
     if m.num_attention_heads % p.tp or m.num_query_groups % p.tp:
         raise ConfigError(
             f"model.num_attention_heads {m.num_attention_heads} and num_query_groups {m.num_query_groups} "
@@ -370,22 +475,39 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
     if p.sequence_parallel and t.seq_length % p.tp:
         raise ConfigError(f"train.seq_length {t.seq_length} is not divisible by parallel.tp {p.tp} (sequence parallel)")
-    if t.global_batch_size % (t.micro_batch_size * dp):
+    micro = num_micro_batches(t.global_batch_size, t.micro_batch_size, dp)
+    if micro > MAX_MICRO_BATCHES:
         raise ConfigError(
-            f"train.global_batch_size {t.global_batch_size} is not divisible by "
-            f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}"
+            f"train.global_batch_size {t.global_batch_size}: {micro:,} micro-batches per rank and step "
+            f"(at most {MAX_MICRO_BATCHES:,}); raise train.micro_batch_size or lower the global batch"
         )
-    if p.vpp > 1 and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
+    state = model_state_bytes(m, p.tp * p.pp)
+    if state > MAX_STATE_BYTES:
+        raise ConfigError(
+            f"model {m.hidden_size} wide x {m.num_layers} layers: ~{state / 2**40:,.0f} TiB of weights, gradients "
+            "and Adam state per rank (16 bytes per parameter): not a model any machine holds; check model.*"
+        )
+    if p.vpp > 1 and micro % p.pp:
         raise ConfigError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pp")
     if t.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+    if t.debug_slow_rank and len(t.debug_slow_rank) != 2:
+        raise ConfigError(f"train.debug_slow_rank: expected [rank, seconds], got {t.debug_slow_rank}")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(
             f"checkpoint.keep_last must be >= 1 (the checkpoint a resume needs), got {cfg.checkpoint.keep_last}"
         )
-    if cfg.optim.lr is None or cfg.optim.lr < 0 or cfg.optim.min_lr < 0:
-        raise ConfigError(f"optim.lr and optim.min_lr must be >= 0, got {cfg.optim.lr} and {cfg.optim.min_lr}")
-    if cfg.optim.cautious and (p.tp > 1 or p.distributed_optimizer):
+    for where, value in (("optim.warmup_fraction", o.warmup_fraction), ("optim.decay_fraction", o.decay_fraction)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{where} must be in [0, 1], got {value}")
+    if o.schedule == "wsd" and o.warmup_fraction + o.decay_fraction > 1:
+        raise ConfigError(
+            f"optim.warmup_fraction {o.warmup_fraction} + optim.decay_fraction {o.decay_fraction} exceed the run "
+            "(their sum must be <= 1)"
+        )
+    if o.lr is None or not (math.isfinite(o.lr) and math.isfinite(o.min_lr)) or o.lr < 0 or o.min_lr < 0:
+        raise ConfigError(f"optim.lr and optim.min_lr must be finite and >= 0, got {o.lr} and {o.min_lr}")
+    if o.cautious and (p.tp > 1 or p.distributed_optimizer):
         raise ConfigError(
             "optim.cautious rescales each tensor by its mask's mean, which needs whole tensors: "
             "use it with parallel.tp 1 and parallel.distributed_optimizer false"

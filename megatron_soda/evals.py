@@ -39,17 +39,19 @@ import importlib
 import json
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from megatron_soda.config import UserError
 from megatron_soda.tokenization.codec import MIMI_HF_NAME
 
-TASKS = ("minimal_pairs", "salmon", "storycloze", "multiple_choice", "asr", "tts", "s2st")
-# the benchmarks by their names: minimal pairs, tBLIMP lower-cased as the authors score it
+if TYPE_CHECKING:
+    import numpy as np
+
+# the minimal-pair benchmarks by their names (TASKS entries of their own): whether the text is
+# lower-cased, as the authors score tBLIMP
 PAIR_ALIASES = {"swuggy": False, "sblimp": False, "twuggy": False, "tblimp": True}
 
 
@@ -57,20 +59,97 @@ class EvalDataError(UserError, ValueError):
     pass
 
 
-def read_items(path: str | Path) -> list[dict]:
+def read_items(path: str | Path, kind: str | None = None) -> list[dict]:
+    """The items of a task file; with `kind`, each checked against what that task reads (types
+    included: a string where a list of endings belongs would be scored per character), so a bad
+    line is one error naming file, line and field before any model loads."""
     path = Path(path)
     if not path.is_file():
         raise EvalDataError(f"{path}: no such task file")
+    check = lookup_task(kind).check if kind is not None else None
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                items.append(json.loads(line))
+                item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise EvalDataError(f"{path}:{n}: not JSON ({e})") from None
+            problem = "not a JSON object" if not isinstance(item, dict) else check(item) if check else None
+            if problem:
+                raise EvalDataError(f"{path}:{n}: {problem}")
+            items.append(item)
     if not items:
         raise EvalDataError(f"{path}: no items")
     return items
+
+
+# --- what each task reads from an item: None when usable, else what is wrong -----------------------
+
+CANDIDATE = "a non-empty string (text), {'text': string} or {'audio': path}"
+
+
+def _candidate_problem(x, field: str) -> str | None:
+    """A candidate / prompt as `Scorer.segment` reads it (an empty text would score no token)."""
+    inner = (x["audio"] if "audio" in x else x.get("text")) if isinstance(x, dict) else x
+    if isinstance(inner, str) and inner.strip():
+        return None
+    return f"field '{field}' must be {CANDIDATE}, got {json.dumps(x)[:80]}"
+
+
+def _string_problem(item: dict, field: str, non_empty: bool = True) -> str | None:
+    if field not in item:
+        return f"missing field '{field}'"
+    x = item[field]
+    if not isinstance(x, str) or (non_empty and not x.strip()):
+        return f"field '{field}' must be a {'non-empty ' if non_empty else ''}string, got {json.dumps(x)[:80]}"
+    return None
+
+
+def _pair_problem(item: dict) -> str | None:
+    for key in ("positive", "negative"):
+        if key not in item:
+            return f"missing field '{key}'"
+        problem = _candidate_problem(item[key], key)
+        if problem:
+            return problem
+    return None
+
+
+def _choice_problem(prompt_key: str) -> Callable[[dict], str | None]:
+    def problem(item: dict) -> str | None:
+        for key in (prompt_key, "endings", "label"):
+            if key not in item:
+                return f"missing field '{key}' (needs '{prompt_key}', 'endings' and 'label')"
+        endings, label = item["endings"], item["label"]
+        if not isinstance(endings, list) or len(endings) < 2:
+            return f"field 'endings' must be a list of at least 2 candidates, got {json.dumps(endings)[:80]}"
+        for i, e in enumerate(endings):
+            bad = _candidate_problem(e, f"endings[{i}]")
+            if bad:
+                return bad
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+            return f"field 'label' must be an integer index of its {len(endings)} endings, got {json.dumps(label)}"
+        return _candidate_problem(item[prompt_key], prompt_key)
+
+    return problem
+
+
+def _fields_problem(*fields: str) -> Callable[[dict], str | None]:
+    def problem(item: dict) -> str | None:
+        return next((p for p in (_string_problem(item, f) for f in fields) if p), None)
+
+    return problem
+
+
+def _tts_problem(item: dict) -> str | None:
+    if ("prompt_audio" in item) != ("prompt_text" in item):
+        return "needs 'prompt_audio' with 'prompt_text' (the voice and its transcript), or neither"
+    fields = ("text", "prompt_audio", "prompt_text") if "prompt_audio" in item else ("text",)
+    return _fields_problem(*fields)(item)
 
 
 def normalize_text(s: str) -> str:
@@ -112,9 +191,10 @@ class Scorer:
         ids = self.text_ids(x["text"].lower() if lower else x["text"])
         return ([self.L.text_start, *ids, self.L.text_end] if wrap_text else ids), "text"
 
-    @torch.no_grad()
     def logprobs(self, seqs: list[list[int]]) -> list[np.ndarray]:
         """Per-token log p(token_t | tokens_<t) for t >= 1 of each sequence."""
+        import torch
+
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(seqs), self.batch_size):
@@ -125,15 +205,19 @@ class Scorer:
             for j, s in enumerate(chunk):
                 ids[j, : len(s)] = torch.tensor(s)
                 att[j, : len(s)] = 1
-            logits = self.model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
-            logits = logits[..., : self.L.vocab_size].float()  # a padded vocabulary's extra rows are no tokens
-            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu().numpy()
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
+                logits = logits[..., : self.L.vocab_size].float()  # a padded vocabulary's extra rows are no tokens
+                lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+            lp = lp.cpu().numpy()
             out += [lp[j, : len(s) - 1] for j, s in enumerate(chunk)]
         return out
 
     def continuation_scores(self, prefix: list[int], conts: list[tuple[list[int], str]]) -> list[dict]:
         """Score each continuation after BOS + prefix: sum and mean over its audio or text tokens
         (the four delimiters are not scored)."""
+        import numpy as np
+
         seqs = [[self.L.bos_id, *prefix, *c] for c, _ in conts]
         delimiters = [self.L.text_start, self.L.text_end, self.L.audio_start, self.L.audio_end]
         res = []
@@ -149,6 +233,8 @@ def _score(kind: str, r: dict) -> float:
 
 def eval_pairs(sc: Scorer, items: list[dict], name: str, by: str | None = None, lower: bool = False) -> dict:
     """Minimal pairs: each candidate alone after BOS, in its delimiters, by its mean log-prob."""
+    import numpy as np
+
     correct, groups = [], {}
     for n, it in enumerate(items):
         where = f"{name} item {n}"
@@ -169,6 +255,8 @@ def eval_pairs(sc: Scorer, items: list[dict], name: str, by: str | None = None, 
 
 
 def eval_choice(sc: Scorer, items: list[dict], name: str, prompt_key: str) -> dict:
+    import numpy as np
+
     acc, acc_norm = [], []
     for n, it in enumerate(items):
         where = f"{name} item {n}"
@@ -222,6 +310,8 @@ def eval_asr(sc: Scorer, items: list[dict], name: str) -> dict:
 
 def load_asr(spec: str, sc: Scorer):
     """`self`, `hf:<model>` or `module:function` -> callable(Generated) -> transcript."""
+    import numpy as np
+
     from megatron_soda.generate import build_prompt
 
     if spec == "self":
@@ -250,8 +340,11 @@ def load_asr(spec: str, sc: Scorer):
 
 def load_speaker(spec: str, sc: Scorer):
     """`hf:<x-vector model>` or `module:function` -> callable(audio, rate) -> embedding (np.ndarray)."""
+    import numpy as np
+
     if spec.startswith("hf:"):
         import soxr
+        import torch
         from transformers import AutoFeatureExtractor, WavLMForXVector
 
         try:
@@ -276,12 +369,16 @@ def load_speaker(spec: str, sc: Scorer):
 
 def speaker_similarity(embed, a: np.ndarray, b: np.ndarray, rate: int) -> float:
     """Cosine of the two clips' speaker embeddings."""
+    import numpy as np
+
     ea, eb = (np.asarray(embed(x, rate), dtype=np.float64).ravel() for x in (a, b))
     return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12))
 
 
 def _similarities(sc: Scorer, speaker: str, gens, refs: list[str]) -> dict:
     """Mean speaker similarity of each generation to its reference clip (generations without audio count 0)."""
+    import numpy as np
+
     if not speaker:
         return {}
     from megatron_soda.tokenization.audio_io import load_audio
@@ -300,6 +397,7 @@ def _similarities(sc: Scorer, speaker: str, gens, refs: list[str]) -> dict:
 def eval_tts(sc: Scorer, items: list[dict], name: str, asr: str, speaker: str) -> dict:
     """Voice-conditioned TTS: WER of the transcribed speech, speaker similarity to the reference."""
     import jiwer
+    import numpy as np
 
     from megatron_soda.generate import build_prompt
 
@@ -335,6 +433,7 @@ def eval_tts(sc: Scorer, items: list[dict], name: str, asr: str, speaker: str) -
 
 
 def eval_s2st(sc: Scorer, items: list[dict], name: str, asr: str, speaker: str = "") -> dict:
+    import numpy as np
     import sacrebleu
 
     from megatron_soda.generate import build_prompt
@@ -362,6 +461,54 @@ def eval_s2st(sc: Scorer, items: list[dict], name: str, asr: str, speaker: str =
     }
 
 
+@dataclass(frozen=True)
+class Task:
+    summary: str  # one line for `soda eval --help`
+    score: Callable[..., dict]  # (scorer, items, name, asr, speaker) -> the task's metrics
+    check: Callable[[dict], str | None] = lambda item: None  # an item -> what is wrong with it, or None
+
+
+def _pairs(lower: bool = False, by: str | None = None) -> Callable[..., dict]:
+    return lambda sc, items, name, asr, speaker: eval_pairs(sc, items, name, by=by, lower=lower)
+
+
+def _choice(prompt_key: str) -> Callable[..., dict]:
+    return lambda sc, items, name, asr, speaker: eval_choice(sc, items, name, prompt_key)
+
+
+# Every task `--task KIND:FILE` accepts: dispatch, --help and the refusal of an unknown KIND all read it.
+TASKS: dict[str, Task] = {
+    "minimal_pairs": Task("sWUGGY/sBLIMP/tWUGGY/tBLIMP {positive, negative}: accuracy", _pairs(), _pair_problem),
+    **{
+        name: Task(f"= minimal_pairs{', text lower-cased' if lower else ''}", _pairs(lower), _pair_problem)
+        for name, lower in PAIR_ALIASES.items()
+    },
+    "salmon": Task("SALMon {positive, negative, task}: accuracy, also per task", _pairs(by="task"), _pair_problem),
+    "storycloze": Task("{prompt, endings, label}: accuracy", _choice("prompt"), _choice_problem("prompt")),
+    "multiple_choice": Task(
+        "{context, endings, label}: accuracy and per-byte accuracy", _choice("context"), _choice_problem("context")
+    ),
+    "asr": Task(
+        "{audio, text}: WER, greedy",
+        lambda sc, items, name, asr, speaker: eval_asr(sc, items, name),
+        _fields_problem("audio", "text"),
+    ),
+    "tts": Task("{text, prompt_audio, prompt_text}: WER of --asr, speaker similarity", eval_tts, _tts_problem),
+    "s2st": Task(
+        "{source_audio, target_text}: ASR-BLEU, speaker similarity",
+        eval_s2st,
+        _fields_problem("source_audio", "target_text"),
+    ),
+}
+
+
+def lookup_task(kind: str) -> Task:
+    """The registered task `kind`; anything else is refused (never scored as some other task)."""
+    if kind not in TASKS:
+        raise EvalDataError(f"--task {kind}: expected one of {', '.join(TASKS)}")
+    return TASKS[kind]
+
+
 def run(
     model_src: str,
     tasks: list[tuple[str, str]],
@@ -375,33 +522,17 @@ def run(
     from megatron_soda.generate import load_model
     from megatron_soda.tokenization.codec import MimiCodec
 
-    for kind, _ in tasks:
-        if kind not in TASKS and kind not in PAIR_ALIASES:
-            raise EvalDataError(f"--task {kind}: expected one of {', '.join(TASKS + tuple(PAIR_ALIASES))}")
+    # every task and task file is checked before a model loads
+    scorers = [(kind, path, lookup_task(kind), read_items(path, kind)) for kind, path in tasks]
     loaded = load_model(model_src, device, tokenizer)
     model, tok, layout = loaded.model, loaded.tok, loaded.layout
     codec = loaded.pick_codec(codec)
     mimi = MimiCodec.load(codec, device)
     report = {"model": model_src, "codec": codec, "sampling": dataclasses.asdict(sampling), "tasks": {}}
-    for kind, path in tasks:
-        items = read_items(path)
+    for kind, path, t, items in scorers:
         sc = Scorer(model, tok, layout, mimi, Path(path).parent, sampling=sampling)
         name = f"{kind}:{Path(path).name}"
-        if kind in ("minimal_pairs", *PAIR_ALIASES):
-            r = eval_pairs(sc, items, name, lower=PAIR_ALIASES.get(kind, False))
-        elif kind == "salmon":
-            r = eval_pairs(sc, items, name, by="task")
-        elif kind == "storycloze":
-            r = eval_choice(sc, items, name, "prompt")
-        elif kind == "multiple_choice":
-            r = eval_choice(sc, items, name, "context")
-        elif kind == "asr":
-            r = eval_asr(sc, items, name)
-        elif kind == "tts":
-            r = eval_tts(sc, items, name, asr, speaker)
-        else:
-            r = eval_s2st(sc, items, name, asr, speaker)
-        report["tasks"][name] = r
+        report["tasks"][name] = t.score(sc, items, name, asr, speaker)
     return report
 
 
@@ -412,8 +543,8 @@ class EvalConfig:
         metadata={
             "action": "append",
             "metavar": "KIND:FILE.jsonl",
-            "help": "minimal_pairs (or swuggy, sblimp, twuggy, tblimp) | salmon | storycloze | multiple_choice "
-            "| asr | tts | s2st, with its JSONL (repeatable)",
+            "help": "a task and its JSONL (repeatable); KIND is one of: "
+            + "; ".join(f"{name} ({t.summary})" for name, t in TASKS.items()),
         }
     )
     out: str = field(default="eval", metadata={"help": "writes OUT/report.json and OUT/report.md"})
@@ -441,7 +572,10 @@ def eval_job(cfg: EvalConfig) -> dict:
         kind, sep, path = t.partition(":")
         if not sep or not path:
             raise EvalDataError(f"--task {t!r}: expected KIND:FILE.jsonl")
+        lookup_task(kind)
         tasks.append((kind, path))
+    if not cfg.max_seconds > 0:
+        raise EvalDataError(f"--max-seconds: the longest speech generated must be > 0 s, got {cfg.max_seconds:g}")
     from megatron_soda.generate import SamplingConfig
 
     sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_seconds, seed=cfg.seed)

@@ -22,13 +22,14 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from megatron_soda.config import UserError
 from megatron_soda.tokenization.codec import MIMI_FRAME_RATE, MIMI_HF_NAME
-from megatron_soda.tokenization.text_tokenizer import decode_text
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 TASKS = ("continue", "asr", "tts", "s2st")
 
@@ -71,11 +72,14 @@ def load_model(source: str, device: str = "cpu", tokenizer: str | None = None) -
     megatron-soda checkpoint. A folder whose vocabulary is padded past the tokenizer's (as
     megatron-style exports and some releases are) loads too: the padding rows are never sampled
     (LayoutConstraint) nor scored (evals slice the logits to the layout)."""
+    folder = Path(source)
+    if not folder.exists():
+        raise UserError(f"{source}: no such model folder, run directory or checkpoint")
+    import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     from megatron_soda.tokenization.text_tokenizer import layout_of
 
-    folder = Path(source)
     tmp = None
     if not (folder / "config.json").is_file():
         from megatron_soda.checkpoints_tools.hf_export import export_in_subprocess
@@ -125,6 +129,8 @@ class LayoutConstraint:
         self.codebook_slices = [(layout.audio_offset + k * C, layout.audio_offset + (k + 1) * C) for k in range(K)]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         L = self.L
         allowed = torch.zeros_like(scores, dtype=torch.bool)
         for i, row in enumerate(input_ids.tolist()):
@@ -146,16 +152,67 @@ class LayoutConstraint:
         return scores.masked_fill(~allowed, float("-inf"))
 
 
-def audio_prompt_ids(paths: list[str], codec, layout) -> list[np.ndarray]:
-    from megatron_soda.tokenization.audio_io import AudioSkip, load_audio
+# Prompt audio longer than this is decoded and encoded in pieces of this length (MimiCodec.encode_file),
+# as `soda prepare` cuts long audio at its default --max-seconds.
+PROMPT_PIECE_SECONDS = 60.0
 
+
+def audio_prompt_ids(paths: list[str], codec, layout, piece_seconds: float = PROMPT_PIECE_SECONDS) -> list[np.ndarray]:
+    """The audio ids of each file: short clips in one batch, a long one in `piece_seconds` pieces
+    (memory: a 10-minute file in one piece takes 8 GB)."""
+    from megatron_soda.tokenization.audio_io import AudioSkip, audio_seconds, load_audio
+
+    ids: dict[int, np.ndarray] = {}
+    short: list[int] = []
     clips = []
-    for p in paths:
+    for i, p in enumerate(paths):
         try:
-            clips.append(load_audio(p, codec.sample_rate).samples)
+            total = audio_seconds(p)
+            if total is not None and total > piece_seconds:
+                ids[i] = layout.codes_to_ids(codec.encode_file(p, total, piece_seconds)[0])
+            else:
+                clips.append(load_audio(p, codec.sample_rate).samples)
+                short.append(i)
         except AudioSkip as e:
-            raise ValueError(f"{p}: unusable audio ({e.reason})") from None
-    return [layout.codes_to_ids(c) for c in codec.encode(clips)]
+            raise UserError(f"{p}: unusable audio ({e.reason})") from None
+    ids.update(zip(short, (layout.codes_to_ids(c) for c in codec.encode(clips)), strict=True))
+    return [ids[i] for i in range(len(paths))]
+
+
+def prompt_positions(model) -> int | None:
+    """How many positions the model was made for (its HF config's max_position_embeddings)."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def check_prompt_length(prompt_len: int, limit: int | None, what: str) -> None:
+    """A prompt must leave the model at least one position to generate into."""
+    if limit is not None and prompt_len >= limit:
+        raise UserError(
+            f"{what} is {prompt_len:,} tokens, the model has {limit:,} positions (max_position_embeddings): "
+            "use a shorter prompt"
+        )
+
+
+def audio_prompt_tokens(path: str, frame_rate: float, codebooks: int) -> tuple[int, float] | None:
+    """(tokens, seconds) a file will take in a prompt, from its header alone; None if unreadable."""
+    import math
+
+    from megatron_soda.tokenization.audio_io import audio_seconds
+
+    seconds = audio_seconds(path)
+    return None if seconds is None else (math.ceil(seconds * frame_rate) * codebooks, seconds)
+
+
+def missing_input(task: str, audio: bool, text: bool) -> str | None:
+    """What a task's prompt lacks, or None (generate_job asks before it loads a model)."""
+    if task == "asr" and not audio:
+        return "asr needs --audio"
+    if task == "tts" and not text:
+        return "tts needs --text"
+    if task == "s2st" and not audio:
+        return "s2st needs --audio (the source speech)"
+    return None
 
 
 def build_prompt(
@@ -168,22 +225,19 @@ def build_prompt(
     """The task's prompt; for tts, `audio_ids` with `reference_text_ids` are the voice to speak in
     (the paper's voice-conditioned template), without them the text alone."""
     L = layout
+    missing = missing_input(task, audio_ids is not None, text_ids is not None)
+    if missing:
+        raise UserError(missing)
     a = [] if audio_ids is None else [int(x) for x in audio_ids]
     t = list(text_ids or [])
     if task == "asr":
-        if audio_ids is None:
-            raise ValueError("asr needs --audio")
         return [L.bos_id, L.audio_start, *a, L.audio_end, L.text_start]
     if task == "tts":
-        if text_ids is None:
-            raise ValueError("tts needs --text")
         voice = []
         if audio_ids is not None and reference_text_ids is not None:
             voice = [L.text_start, *reference_text_ids, L.text_end, L.audio_start, *a, L.audio_end]
         return [L.bos_id, *voice, L.text_start, *t, L.text_end, L.audio_start]
     if task == "s2st":
-        if audio_ids is None:
-            raise ValueError("s2st needs --audio (the source speech)")
         return [L.bos_id, L.audio_start, *a, L.audio_end]
     if task == "continue":
         prompt = [L.bos_id]
@@ -192,7 +246,7 @@ def build_prompt(
         if audio_ids is not None:
             prompt += [L.audio_start, *a]
         return prompt
-    raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    raise UserError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
 
 
 def stop_ids(task: str, layout) -> list[int]:
@@ -227,14 +281,19 @@ def split_segments(prompt: list[int], new: list[int], layout) -> list[dict]:
     return segs
 
 
-@torch.no_grad()
 def generate(model, tok, layout, prompts: list[list[int]], task: str, s: SamplingConfig, codec=None) -> list[Generated]:
     """Batched sampling with a KV cache (left-padded prompts); audio decoded when a codec is given."""
+    import numpy as np
+    import torch
     from transformers import LogitsProcessorList
+
+    from megatron_soda.tokenization.text_tokenizer import decode_text
 
     device = next(model.parameters()).device
     torch.manual_seed(s.seed)
     width = max(len(p) for p in prompts)
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    check_prompt_length(width, prompt_positions(model), f"prompt {longest}")
     pad = layout.eos_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -247,18 +306,19 @@ def generate(model, tok, layout, prompts: list[list[int]], task: str, s: Samplin
     if task == "asr":
         max_new = s.max_text_tokens + 1
     greedy = s.temperature <= 0
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new,
-        do_sample=not greedy,
-        temperature=None if greedy else s.temperature,
-        top_k=(s.top_k or None) if not greedy else None,
-        top_p=s.top_p if not greedy and s.top_p < 1 else None,
-        eos_token_id=stop_ids(task, layout),
-        pad_token_id=pad,
-        logits_processor=LogitsProcessorList([LayoutConstraint(layout, max_frames)]),
-    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new,
+            do_sample=not greedy,
+            temperature=None if greedy else s.temperature,
+            top_k=(s.top_k or None) if not greedy else None,
+            top_p=s.top_p if not greedy and s.top_p < 1 else None,
+            eos_token_id=stop_ids(task, layout),
+            pad_token_id=pad,
+            logits_processor=LogitsProcessorList([LayoutConstraint(layout, max_frames)]),
+        )
     results = []
     stops = set(stop_ids(task, layout))
     for i, p in enumerate(prompts):
@@ -313,6 +373,25 @@ class GenerateConfig:
 
 def generate_job(a: GenerateConfig) -> None:
     """`soda generate`: continue audio/text prompts (asr, tts, s2st, continue) -> WAV files + text."""
+    # the command line is checked before a model loads (seconds to minutes)
+    missing = missing_input(a.task, bool(a.audio), bool(a.text))
+    if missing:
+        raise UserError(missing)
+    empty = [i for i, t in enumerate(a.text) if not t.strip()]
+    if a.task == "tts" and empty:
+        raise UserError(f"--text: prompt {empty[0]} is empty (tts speaks the given text)")
+    n = max(len(a.audio), len(a.text), 1)
+    if (a.audio and len(a.audio) != n) or (a.text and len(a.text) != n):
+        raise UserError(f"--audio gave {len(a.audio)} prompts and --text {len(a.text)}: give one each per prompt")
+    if a.reference_text and (a.task != "tts" or len(a.reference_text) != len(a.audio)):
+        raise UserError("--reference-text: with --task tts, one transcript per --audio (the voice prompts)")
+    absent = [p for p in a.audio if not Path(p).is_file()]
+    if absent:
+        raise UserError(f"--audio {absent[0]}: no such file")
+    if not a.max_seconds > 0:
+        raise UserError(f"--max-seconds: the longest audio segment generated must be > 0 s, got {a.max_seconds:g}")
+    if a.max_text_tokens < 1:
+        raise UserError(f"--max-text-tokens: must be >= 1, got {a.max_text_tokens}")
     import soundfile as sf
 
     from megatron_soda.tokenization.codec import MimiCodec
@@ -320,23 +399,22 @@ def generate_job(a: GenerateConfig) -> None:
     loaded = load_model(a.model, a.device, a.tokenizer)
     model, tok, layout = loaded.model, loaded.tok, loaded.layout
     codec = MimiCodec.load(loaded.pick_codec(a.codec), a.device)
-    empty = [i for i, t in enumerate(a.text) if not t.strip()]
-    if a.task == "tts" and empty:
-        raise UserError(f"--text: prompt {empty[0]} is empty (tts speaks the given text)")
+    limit = prompt_positions(model)
+    for i, p in enumerate(a.audio):  # before encoding: a 10-minute file would be encoded for nothing
+        known = audio_prompt_tokens(p, codec.frame_rate, layout.codebooks)
+        if known is not None:
+            check_prompt_length(known[0], limit, f"--audio {p} ({known[1]:.1f} s of audio, prompt {i})")
     audio = audio_prompt_ids(a.audio, codec, layout) if a.audio else []
-    texts = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in (a.text or [])]
-    n = max(len(audio), len(texts), 1)
-    if (audio and len(audio) != n) or (texts and len(texts) != n):
-        raise ValueError(f"--audio gave {len(audio)} prompts and --text {len(texts)}: give one each per prompt")
+    texts = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in a.text]
     refs = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in a.reference_text]
-    if refs and (a.task != "tts" or len(refs) != len(audio)):
-        raise UserError("--reference-text: with --task tts, one transcript per --audio (the voice prompts)")
     prompts = [
         build_prompt(
             a.task, layout, audio[i] if audio else None, texts[i] if texts else None, refs[i] if refs else None
         )
         for i in range(n)
     ]
+    for i, p in enumerate(prompts):
+        check_prompt_length(len(p), limit, f"prompt {i}")
     s = SamplingConfig(a.temperature, a.top_k, a.top_p, a.max_seconds, a.max_text_tokens, a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

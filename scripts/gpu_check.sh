@@ -10,7 +10,7 @@
 #   smoke     ~2 min: kernel selfchecks (fp32, bf16), a 135M step with every lever on next to all off
 #   perf      ~8.5 min: bf16 selfcheck, 30-step bf16 loss comparison all-on vs all-off (135M), the
 #             135M and 1.7B headline rows next to transformers, the 135M lever ablation, the kernel bench
-#   perf2     ~9 min: 600M headline, 1.7B ablation, 4B (needs an H200: AdamW's 18 B/param > 80 GB)
+#   perf2     ~9 min: 600M headline, 1.7B ablation, 4B (needs an H200: 18 B/param = 78.7 GB before activations)
 #   kernels   the kernel bench alone;  train  the presets in $PRESETS;  tokenize  Mimi encoding
 # Env: PRESETS (train part), STEPS (measured steps), ACCUM (micro-batches per step), VARIANTS,
 #   PROFILE=DIR (torch.profiler trace + top operators per variant), STEP_TIMEOUT (s per command).

@@ -11,6 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
+# every model preset, found by glob: a new configs/soda-*.yaml is in every preset test at once
+PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("soda-*.yaml"))
 
 
 # the fast paths that run on the CPU backend too (fused AdamW, weight gradients into main_grad)
@@ -37,6 +39,10 @@ def train_cmd(run_dir: Path, shards: Path, nproc: int = 1, *overrides: str) -> l
         "0",
         *overrides,
     ]
+
+
+# `soda train` flags for the small shard set (conftest.small_shards): seq 128, global batch 8
+SMALL = ("--train.seq_length", "128")
 
 
 def env() -> dict:

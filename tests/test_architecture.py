@@ -1,11 +1,13 @@
 """The rooms of megatron_soda import one way: each module only from rooms below its own.
 
-The order is the data's way through the project (docs/ARCHITECTURE.md): config, the tokenizer and
-shard format, the training data, the kernels, the model, processes and devices, training, then the
-tools that drive training (checkpoint conversion, launchers, generation, evaluation, benchmarks,
-the IsoFLOP study) and the CLI. import-linter cannot check it: the user's top-level folders
-(kernels/, tokenization/, launch/, checkpoints_tools/) import as megatron_soda.<name> through a
-package-dir mapping, which its module graph does not follow; so the imports are read here with `ast`.
+The order is the data's way through the project (docs/ARCHITECTURE.md): config and its options,
+processes and devices (which everything that starts a process uses), the tokenizer and shard
+format, the training data, the kernels, the model, training, then the tools that drive training
+(checkpoint conversion, launchers, generation, evaluation, benchmarks, the IsoFLOP study) and the
+CLI. A package's `__main__.py` is a launch shim for `python -m PACKAGE`, which may only call the
+CLI. import-linter cannot check it: the user's top-level folders (kernels/, tokenization/, launch/,
+checkpoints_tools/) import as megatron_soda.<name> through a package-dir mapping, which its module
+graph does not follow; so the imports are read here with `ast`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ FOLDERS = {"kernels", "tokenization", "launch", "checkpoints_tools"}  # megatron
 
 # lowest first; a module may import from its own room and the rooms before it
 LAYERS = [
-    ["megatron_soda.config"],
+    ["megatron_soda.config", "megatron_soda.options"],
+    ["megatron_soda.parallel"],
     ["megatron_soda.tokenization"],
     ["megatron_soda.data"],
     ["megatron_soda.kernels"],
     ["megatron_soda.model"],
-    ["megatron_soda.parallel"],
     ["megatron_soda.training"],
     ["megatron_soda.checkpoints_tools", "megatron_soda.launch"],
     ["megatron_soda.generate"],
@@ -77,6 +79,10 @@ def test_imports_point_down_the_rooms():
     for path in project_files():
         me = module_name(path)
         mine = layer_of(me)
+        if path.name == "__main__.py":
+            extra = [t for _, t in imports(path) if not t.startswith("megatron_soda.cli")]
+            assert not extra, f"{path}: a __main__ shim imports {extra}; it may only call the CLI"
+            continue
         for line, target in imports(path):
             theirs = layer_of(target)
             if theirs is not None and mine is not None and theirs > mine:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_soda.config import ModelConfig
+from megatron_soda.config import ModelConfig, UserError
 from megatron_soda.model.flops import flops_per_token, mfu
 from megatron_soda.tools.bench.train import bench_layout
 from tests.launch import soda
@@ -63,16 +63,30 @@ def test_flops_formula_equals_torch_flop_counter_on_the_hf_model():
 def test_bench_layout_matches_the_vocabulary():
     assert bench_layout(0).vocab_size == 144_644
     assert bench_layout(16_974).vocab_size == 16_974
-    with pytest.raises(ValueError, match="model.vocab_size 1000"):
+    with pytest.raises(UserError, match="model.vocab_size 1000"):
         bench_layout(1000)
+
+
+# The tiny preset's training FLOPs per token at seq 256 and 16,974 ids, counted by hand: 3 x (2 x matmul
+# weights (QKV 64 x 16 x (4 + 2 x 2), attention out 4 x 16 x 64, SwiGLU 3 x 64 x 128 per layer, 4 layers,
+# the LM head 64 x 16,974) + 4 layers x 2 x 2 x 256 keys x 4 heads x 16)
+TINY_FLOPS_PER_TOKEN = 3 * (2 * (4 * (64 * 16 * 8 + 4 * 16 * 64 + 3 * 64 * 128) + 64 * 16_974) + 4 * 4 * 256 * 4 * 16)
 
 
 def _check_row(r):
     for k in ("tokens_per_s_per_gpu", "tflops_per_gpu", "step_time_s", "peak_memory_gb", "loss_first", "loss_last"):
         assert math.isfinite(r[k]) and r[k] > 0, (k, r[k])
     assert abs(r["loss_first"] - math.log(16_974)) < 1.0  # random ids, fresh init: about log V
-    assert r["flops_per_token"] == flops_per_token(ModelConfig(**{**_TINY, "vocab_size": 16_974}), 256)
-    assert r["split_s"]["forward"] > 0 and r["split_s"]["optimizer"] > 0
+    assert (
+        r["flops_per_token"]
+        == TINY_FLOPS_PER_TOKEN
+        == flops_per_token(ModelConfig(**{**_TINY, "vocab_size": 16_974}), 256)
+    )
+    # throughput from the measured step time and the batch (8 x 256 tokens), per GPU; a CPU does 1e2-1e6 of them
+    assert r["tokens_per_s_per_gpu"] == pytest.approx(8 * 256 / r["step_time_s"] / r["world"])
+    assert 1e2 < r["tokens_per_s_per_gpu"] < 1e6
+    assert r["tflops_per_gpu"] == pytest.approx(TINY_FLOPS_PER_TOKEN * r["tokens_per_s_per_gpu"] / 1e12)
+    assert 0 < r["split_s"]["forward"] < r["step_time_s"] and 0 < r["split_s"]["optimizer"] < r["step_time_s"]
 
 
 _TINY = dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=16, ffn_hidden_size=128)
@@ -87,7 +101,7 @@ def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
     assert [r["variant"] for r in rows] == ["ours", "hf"]
     for r in rows:
         _check_row(r)
-        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 1.0)
+        assert r["mfu"] == pytest.approx(TINY_FLOPS_PER_TOKEN * r["tokens_per_s_per_gpu"] / 1e12)  # peak 1 TFLOP/s
     assert rows[1]["ours_over_this"] == pytest.approx(rows[0]["tokens_per_s_per_gpu"] / rows[1]["tokens_per_s_per_gpu"])
     assert "ours/this" in p.stdout and "hf" in p.stdout and (tmp_path / "train.png").stat().st_size > 10_000
     # a TP=2 layout on two ranks appends to the same file and plot; the bench feeds its own batches,
@@ -104,11 +118,11 @@ def test_bench_train_bad_input_is_one_line(tmp_path):
     assert p.returncode == 2 and "unknown variant 'megatron-lm'" in p.stderr and "Traceback" not in p.stderr
     p = soda("bench", "train", "--config", "configs/tiny.yaml", "--model.hiden_size", "8", check=False)
     assert p.returncode == 2 and "hiden_size" in p.stderr and "Traceback" not in p.stderr
-    # one variant failing (here: TP=2 on one process) costs only its own row; the exit says which
+    # one variant failing (here: CUDA graphs asked for on the CPU) costs only its own row; the exit says which
     res = tmp_path / "train.jsonl"
     common = ["--config", "configs/tiny.yaml", "--device", "cpu", "--steps", "1", "--warmup", "1", "--data.paths", "[]"]
     common += ["--results", str(res), "--plot", str(tmp_path / "train.png")]
-    p = soda("bench", "train", *common, "--variants", "ours,hf", "--parallel.tp", "2", check=False)
+    p = soda("bench", "train", *common, "--variants", "ours,hf", "--parallel.cuda_graph", "full_iteration", check=False)
     assert p.returncode == 2 and "variant ours failed" in p.stderr and "Traceback" not in p.stderr
     assert [json.loads(x)["variant"] for x in res.read_text().splitlines()] == ["hf"]
     p = soda("bench", "loader", "--parallel.tp", "2", check=False)

@@ -24,13 +24,13 @@ def test_batched_encoding_equals_one_by_one(corpus, codec):
         np.testing.assert_array_equal(got, codec.encode([clip])[0])
 
 
-def test_decode_gives_audio_of_the_same_length(corpus, codec):
+def test_decode_gives_the_whole_frames_that_cover_the_input(corpus, codec):
     audio = load_audio(corpus / "audio" / "utt0001.wav").samples
     (codes,) = codec.encode([audio])
     out = codec.decode(codes)
     assert out.dtype == np.float32 and np.isfinite(out).all()
-    # whole frames come back: the input padded to a frame boundary, trimmed to the input exactly
-    assert len(out) == len(codes) * 1920 and 0 <= len(out) - len(audio) < 1920
+    # the input is padded to a frame boundary before encoding: exactly ceil(n / 1920) frames come back
+    assert len(codes) == -(-len(audio) // 1920) and len(out) == len(codes) * 1920
 
 
 def test_fewer_codebooks_are_a_prefix(corpus, codec):

@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_soda.config import ConfigError, load_config, parse_overrides, save_config
+from megatron_soda.config import ConfigError, UserError, load_config, parse_overrides, save_config
 from megatron_soda.parallel import cpu_backend
 from tests.launch import ROOT
 
@@ -90,5 +90,5 @@ def test_bench_variants_name_their_levers():
     assert one["parallel"]["cuda_graph"] == "full_iteration" and one["optim"]["adam_impl"] == "fused"
     assert one["model"]["norm_impl"] == "torch" and variant_overrides("ours") == {}
     for bad, message in (("ours-off+turbo", "unknown lever 'turbo'"), ("hf+graphs", "unknown variant")):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UserError, match=message):
             check_variant(bad)

@@ -24,8 +24,9 @@ def _collect(ds, steps, mbs, gbs, dp, workers, consumed=0):
         loader = SodaDataLoader(ds, mbs, gbs, dp_rank=rank, dp_size=dp, num_workers=workers, consumed_samples=consumed)
         it = iter(loader)
         for step in range(steps):
-            for _ in range(gbs // (mbs * dp)):
-                batch = next(it)
+            micro = next(it)  # one step: this rank's micro-batches of a global batch
+            assert len(micro) == gbs // (mbs * dp) and loader.consumed_samples == consumed + (step + 1) * gbs
+            for batch in micro:
                 seen += [(step, rank, *ds.locate(int(g))) for g in batch["index"]]
     return seen
 
@@ -48,7 +49,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(one_set):
 def test_batches_carry_the_right_samples(one_set):
     root, samples = one_set
     ds = MixtureDataset(DataConfig(paths=[str(root)], seed=3))
-    batch = next(iter(SodaDataLoader(ds, 4, 4, num_workers=0)))
+    (batch,) = next(iter(SodaDataLoader(ds, 4, 4, num_workers=0)))
     for row, g in enumerate(batch["index"]):
         _, k = ds.locate(int(g))
         want = samples[k].astype(np.int64)
@@ -70,17 +71,20 @@ def test_resume_sees_exactly_the_uninterrupted_batches(one_set):
     ds = MixtureDataset(DataConfig(paths=[str(root)], seed=1))
     straight = SodaDataLoader(ds, 2, 4, num_workers=2)
     it = iter(straight)
-    full = [next(it)["index"].tolist() for _ in range(10)]
 
+    def step_indices(it) -> list[list[int]]:
+        return [m["index"].tolist() for m in next(it)]
+
+    full = [step_indices(it) for _ in range(5)]
     first = SodaDataLoader(ds, 2, 4, num_workers=2)
     it = iter(first)
-    part = [next(it)["index"].tolist() for _ in range(4)]
+    part = [step_indices(it) for _ in range(2)]
     state = first.state_dict()
     assert state["consumed_samples"] == 8
     resumed = SodaDataLoader(MixtureDataset(DataConfig(paths=[str(root)], seed=1)), 2, 4, num_workers=1)
     resumed.load_state_dict(state)
     it = iter(resumed)
-    part += [next(it)["index"].tolist() for _ in range(6)]
+    part += [step_indices(it) for _ in range(3)]
     assert part == full
 
 
@@ -154,7 +158,7 @@ def test_overwritten_sample_is_an_error_or_masked_with_count(tmp_path):
             ds[g]
     ds = MixtureDataset(DataConfig(paths=[str(tmp_path / "s")], skip_corrupt=True))
     loader = SodaDataLoader(ds, 4, 4, num_workers=0)
-    batch = next(iter(loader))
+    (batch,) = next(iter(loader))
     assert loader.corrupt_samples == 1
     bad = batch["corrupt"].nonzero().item()
     assert batch["loss_mask"][bad].sum() == 0 and batch["loss_mask"].sum() == 3 * 8

@@ -121,6 +121,8 @@ def forced(s2st_corpus, tokenizer_dir, codec, tmp_path_factory):
     tok.save_pretrained(str(folder))
     (folder / "soda.json").write_text(json.dumps({"codec": "random:0"}))  # as `soda export-hf` records it
     tasks["speaker"] = _tiny_speaker_encoder(root / "speaker")
+    tasks["codes"] = {n: lay.ids_to_codes(np.asarray(ids[n])) for n in audio}  # what a memorised generation decodes
+    tasks["audio"] = audio
     return folder, tasks
 
 
@@ -173,7 +175,7 @@ def test_eval_scorers_pick_the_forced_answers(forced, tmp_path):
     folder, tasks = forced
     # no --codec: the folder's soda.json says which codec its training data used
     args = ["eval", str(folder), "--out", str(tmp_path), "--asr", "self", "--max-seconds", "4"]
-    args += ["--speaker", f"hf:{tasks['speaker']}"]
+    args += ["--speaker", "tests.speaker_probe:embed"]
     for kind, name in (
         ("minimal_pairs", "mp"),
         ("salmon", "mp"),
@@ -199,9 +201,36 @@ def test_eval_scorers_pick_the_forced_answers(forced, tmp_path):
     assert s2["whole_frames"] and s2["asr_bleu"] > 99.0, s2
     tts = rep["tts:tts.jsonl"]  # sampled at 0.9 / top-p 0.8: a memorised model still says its text
     assert tts["wer"] == 0.0 and tts["terminated"] == 1.0, tts
-    for r in (tts, s2):
-        assert -1.0 <= r["speaker_sim"] <= 1.0 and r["speaker_sim"] != 0.0, r
+    # the memorised generations decode to the target clips' codes: their similarity to each reference
+    # (TTS: the voice prompt, the other English clip; S2ST: the French source) is known here
+    from megatron_soda.tokenization.audio_io import load_audio
+    from megatron_soda.tokenization.codec import MimiCodec, random_mimi
+    from tests.speaker_probe import cosine
+
+    codec = MimiCodec(random_mimi(0), name="random:0")
+
+    def clip(n):
+        return load_audio(tasks["audio"][n], codec.sample_rate).samples
+
+    def spoken(n):
+        return codec.decode(tasks["codes"][n])
+
+    want_tts = np.mean([cosine(spoken(f"en_000{i}.wav"), clip(f"en_000{1 - i}.wav")) for i in range(2)])
+    want_s2st = np.mean([cosine(spoken(f"en_000{i}.wav"), clip(f"fr_000{i}.wav")) for i in range(2)])
+    assert abs(tts["speaker_sim"] - want_tts) < 1e-6 and abs(s2["speaker_sim"] - want_s2st) < 1e-6, (tts, s2)
     assert "| asr:asr.jsonl | 2 | wer | 0.0% |" in (tmp_path / "report.md").read_text()
+
+
+def test_hf_speaker_encoders_load_through_transformers(forced):
+    """`--speaker hf:<x-vector model>`: a transformers WavLM x-vector folder gives one embedding per clip."""
+    from megatron_soda.evals import load_speaker, speaker_similarity
+
+    _, tasks = forced
+    embed = load_speaker(f"hf:{tasks['speaker']}", None)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=24000) * 0.1, rng.normal(size=24000) * 0.1
+    assert embed(a, 24000).shape == (16,) and abs(speaker_similarity(embed, a, a, 24000) - 1.0) < 1e-4  # fp32
+    assert speaker_similarity(embed, a, b, 24000) < 1.0
 
 
 def test_eval_bad_task_file_is_one_line(forced, tmp_path):

@@ -62,7 +62,7 @@ def test_prepared_task_shards_carry_the_mask_to_the_loss(s2st_shards):
     s = ShardSet(s2st_shards)
     assert s.rows == 2 and s.index.meta["loss_mask"] is True
     ds = MixtureDataset(DataConfig(paths=[str(s2st_shards)]), seq_len=256)
-    batch = next(iter(SodaDataLoader(ds, 4, 4, 0, 1, num_workers=0)))
+    (batch,) = next(iter(SodaDataLoader(ds, 4, 4, 0, 1, num_workers=0)))
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     assert tokens.min() >= 0 and labels.min() >= 0  # prompt ids travel encoded, come back intact
     for row, g in enumerate(batch["index"].tolist()):
@@ -92,7 +92,7 @@ from megatron_soda.checkpoints_tools.session import single_process, build_full_m
 cfg = load_config("{ROOT}/configs/tiny.yaml")
 ds = MixtureDataset(DataConfig(paths=["{s2st_shards}"]), seq_len=256)
 cfg.model.vocab_size = ds.layout.vocab_size
-batch = next(iter(SodaDataLoader(ds, 8, 8, 0, 1, num_workers=0)))
+(batch,) = next(iter(SodaDataLoader(ds, 8, 8, 0, 1, num_workers=0)))
 assert batch["loss_mask"].sum() > 100
 def grads(b):
     model.zero_grad()
@@ -118,7 +118,11 @@ print("OK")
 @pytest.fixture(scope="module")
 def finetuned(prepared, s2st_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    run_train(root / "pre", prepared, 1, "--train.steps", "5")
+    # the pretrained run validates on the task shards at its end: the fine-tune's loss before its
+    # first step must be that number (the weights it starts from), not the loss of a fresh init
+    val = ("--data.val_paths", f"[{s2st_shards}]", "--train.eval_interval", "5", "--train.eval_batches", "4")
+    pre = run_train(root / "pre", prepared, 1, "--train.steps", "5", *val)
+    (root / "pre_summary.json").write_text(pre.stdout.strip().splitlines()[-1])
     common = [
         "--init-from",
         str(root / "pre"),
@@ -137,9 +141,12 @@ def finetuned(prepared, s2st_shards, tmp_path_factory):
 def test_finetune_lowers_the_target_loss(finetuned):
     summary = json.loads((finetuned / "summary.json").read_text())["summary"]
     before, after = summary["val_loss_start"], summary["val_loss_last"]
+    pretrained = json.loads((finetuned / "pre_summary.json").read_text())["summary"]
+    assert abs(before - pretrained["val_loss_last"]) < 1e-5, (before, pretrained)  # init_from loaded its weights
+    assert abs(before - pretrained["val_loss_start"]) > 1e-3, (before, pretrained)
     last_row = json.loads((finetuned / "ft" / "metrics.jsonl").read_text().splitlines()[-1])
     assert after < before - 0.5 and after == last_row["val_loss"], (before, after)
-    cfg = (finetuned / "ft" / "finetune.yaml").read_text()
+    cfg = (finetuned / "ft" / "config.yaml").read_text()
     assert "init_from" in cfg and str(finetuned / "pre") in cfg
 
 
@@ -175,9 +182,12 @@ def test_generate_s2st_whole_frames_to_wav(finetuned, s2st_corpus, tmp_path):
         "1",
     )
     rows = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
-    assert len(rows) == 4
-    with_audio = [r for r in rows if r["frames"] > 0]
-    assert with_audio, rows
-    for r in with_audio:
-        info = sf.info(r["wav"])
-        assert info.samplerate == 24_000 and info.frames == r["frames"] * 1920
+    assert [r["prompt"] for r in rows] == [0, 1, 2, 3]
+    assert any(r["frames"] > 0 for r in rows), rows
+    for r in rows:  # every generation: whole frames (8 tokens each), and a WAV exactly when there is audio
+        assert r["frames"] >= 0 and r["new_tokens"] >= 8 * r["frames"], r
+        if r["frames"]:
+            info = sf.info(r["wav"])
+            assert info.samplerate == 24_000 and info.frames == r["frames"] * 1920 and r["seconds"] == info.duration
+        else:
+            assert "wav" not in r and not (tmp_path / f"{r['prompt']:03d}.wav").exists(), r

@@ -143,8 +143,9 @@ def test_fit_command_on_a_csv(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "fit" / "fit.json").read_text())
-    for key in ("n_exponent", "d_exponent", "n_exponent_ci95", "d_exponent_ci95", "budgets"):
-        assert key in out
+    a_true, b_true = BETA / (ALPHA + BETA), ALPHA / (ALPHA + BETA)  # the surface's exponents, known
+    assert abs(out["n_exponent"] - a_true) < TOL and abs(out["d_exponent"] - b_true) < TOL, out
+    assert out["n_exponent_ci95"][0] <= out["n_exponent"] <= out["n_exponent_ci95"][1] and len(out["budgets"]) == 3
     assert out["n_definition"].startswith("total parameters") and out["flops_convention"].startswith("paper:")
     assert (tmp_path / "fit" / "isoflop_curves.png").is_file() and (tmp_path / "fit" / "isoflop_optima.png").is_file()
     assert "predict C 1.30e+22" in r.stdout

@@ -35,7 +35,7 @@ def test_rendered_training_script(nodes, tp, pp, dp):
     assert f"--nnodes={nodes} --nproc-per-node=8" in s and "--rdzv-backend=c10d" in s
     assert "#SBATCH --signal=B:USR1@120" in s and "scontrol requeue" in s and "#SBATCH --requeue" in s
     assert "#SBATCH --partition=gpu" in s and "#SBATCH --account=proj" in s
-    assert "--device cuda" in s and "scontrol show hostnames" in s
+    assert "  device: cuda" in s and "scontrol show hostnames" in s and "-m megatron_soda.cli train --config" in s
     assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0  # valid bash
 
 
@@ -191,9 +191,12 @@ def test_rendered_isoflop_array(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     s = r.stdout
-    assert "#SBATCH --array=0-1" in s and "%x-%A_%a.out" in s and '"${TASK_ARGS[@]}"' in s
-    assert f"0) TASK_ARGS=(--run-dir {tmp_path}/study/runs/C3.0e10_d8 " in s and "--model.hidden_size 8" in s
-    assert "--train.eval_interval" in s and "isoflop run --plan" in s and "--gather" in s
+    assert "#SBATCH --array=0-1" in s and "%x-%A_%a.out" in s and '--config "$CONFIG"' in s
+    # each task writes its run's resolved config: the plan's width, its run directory, validation at its end
+    task0 = s[s.index("  0)") : s.index("  1)")]
+    assert f"CONFIG={tmp_path}/study/runs/C3.0e10_d8/slurm/config.yaml" in task0
+    assert "  hidden_size: 8\n" in task0 and f"run_dir: {tmp_path}/study/runs/C3.0e10_d8" in task0
+    assert "  eval_interval: " in task0 and "isoflop run --plan" in s and "--gather" in s
     assert "PORT=$((29500 + SLURM_ARRAY_TASK_ID % 1000))" in s
     assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0
 

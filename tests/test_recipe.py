@@ -12,14 +12,19 @@ import pytest
 from megatron_soda.config import DataConfig, load_config
 from megatron_soda.data.mixture import MixtureDataset
 from tests.conftest import synthetic_set
-from tests.launch import ROOT, env
+from tests.launch import PRESETS, ROOT, env
 
 PAPER_MIXTURE = {"yodas-en": 0.516, "emilia-yodas-en": 0.288, "emilia-en": 0.146, "nemotron-cc": 0.05}
 
 
-@pytest.mark.parametrize("preset,lr", [("135m", 4.24e-3), ("600m", 4.24e-3), ("1.7b", 3.0e-3), ("4b", 2.68e-3)])
-def test_presets_follow_the_papers_lr_rule_and_mixture(preset, lr):
-    path = str(ROOT / "configs" / f"soda-{preset}.yaml")
+PAPER_LR = {"soda-135m": 4.24e-3, "soda-600m": 4.24e-3, "soda-1.7b": 3.0e-3, "soda-4b": 2.68e-3}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_follow_the_papers_lr_rule_and_mixture(preset):
+    assert preset in PAPER_LR, f"configs/{preset}.yaml: add the peak LR the paper's rule gives it to PAPER_LR"
+    lr = PAPER_LR[preset]
+    path = str(ROOT / "configs" / f"{preset}.yaml")
     cfg = load_config(path)
     assert abs(cfg.optim.lr - lr) < 0.005e-3, cfg.optim.lr
     assert dict(zip(cfg.data.names, cfg.data.weights, strict=True)) == PAPER_MIXTURE

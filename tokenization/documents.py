@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_soda.config import ConfigError
 from megatron_soda.tokenization.vocab import SodaLayout
 
 PRETRAIN_FORMATS = ("text_first", "audio_first", "audio_only", "text_only")
@@ -37,9 +38,9 @@ def parse_formats(spec: str | list[str]) -> list[str]:
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     bad = [n for n in names if n not in FORMATS]
     if bad or not names:
-        raise ValueError(f"formats: expected a comma list of {', '.join(FORMATS)}, got {spec!r}")
+        raise ConfigError(f"formats: expected a comma list of {', '.join(FORMATS)}, got {spec!r}")
     if len(set(names)) != len(names):
-        raise ValueError(f"formats: {spec!r} names a format twice")
+        raise ConfigError(f"formats: {spec!r} names a format twice")
     return names
 
 

@@ -14,13 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_soda.config import UserError
 from megatron_soda.tokenization.audio_io import AUDIO_EXTENSIONS
-from megatron_soda.tokenization.readers import RECORD_SUFFIXES, is_record_file, read_records
+from megatron_soda.tokenization.readers import READERS, RECORD_SUFFIXES, is_record_file, read_records
 
 TEXT_EXTENSIONS = (".txt",)
+MANIFEST_SUFFIX = ".jsonl"  # given as --input: a manifest, read here; found in a directory: a corpus file
+CORPUS_SUFFIXES = tuple(s for s in RECORD_SUFFIXES if s != MANIFEST_SUFFIX)  # given as --input: streamed
+CORPUS_FILES = ", ".join(f"{s} ({READERS[s].name})" for s in CORPUS_SUFFIXES)
+INPUT_HELP = (
+    f"JSONL manifest, directory, corpus file ({'/'.join(CORPUS_SUFFIXES)}) or hf://datasets/OWNER/NAME[/FOLDER] "
+    "(repeatable)"
+)
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The input itself (not one entry of it) is unusable."""
 
 
@@ -59,17 +67,35 @@ class Inputs:
     streams: list[Path] = field(default_factory=list)  # corpus files, one unit of work each
 
 
+class _BadPath(Exception):
+    """A manifest path no file can have (a NUL byte, over the system's length limit)."""
+
+
+def _resolve(path: str, base: Path, field: str) -> str:
+    """`path` (relative to the manifest's folder) made absolute, or _BadPath saying why it cannot be:
+    the OS refuses such a path with an exception that would otherwise stop the whole run."""
+    if "\0" in path:
+        raise _BadPath(f"field '{field}' holds a NUL byte (no file has such a path)")
+    try:
+        return str((base / path).resolve())
+    except (OSError, ValueError) as e:
+        raise _BadPath(f"field '{field}': not a usable path ({e})") from None
+
+
 def _audio_ref(audio, base: Path) -> tuple[str, bytes | None] | str:
     """(name or path, bytes) of a record's audio: a path, or Hugging Face's {"bytes", "path"}; else why not."""
-    if isinstance(audio, str):
-        return str((base / audio).resolve()), None
-    if isinstance(audio, dict):
-        data, path = audio.get("bytes"), audio.get("path")
-        if isinstance(data, bytes | bytearray | memoryview) and len(data):
-            return str(path or "<bytes>"), bytes(data)
-        if isinstance(path, str) and path:
-            return str((base / path).resolve()), None
-        return "field 'audio' holds neither bytes nor a path"
+    try:
+        if isinstance(audio, str):
+            return _resolve(audio, base, "audio"), None
+        if isinstance(audio, dict):
+            data, path = audio.get("bytes"), audio.get("path")
+            if isinstance(data, bytes | bytearray | memoryview) and len(data):
+                return str(path or "<bytes>").replace("\0", "\\0"), bytes(data)
+            if isinstance(path, str) and path:
+                return _resolve(path, base, "audio.path"), None
+            return "field 'audio' holds neither bytes nor a path"
+    except _BadPath as e:
+        return str(e)
     return "field 'audio' must be a path or {'bytes', 'path'}"
 
 
@@ -196,10 +222,14 @@ def _translation_pair(rec: dict, base: Path, where: str, default_id: str) -> lis
     for side in ("source", "target"):
         lang = rec.get(f"{side}_lang")
         text = rec[f"{side}_text"].strip()
+        try:
+            audio = _resolve(rec[f"{side}_audio"], base, f"{side}_audio")
+        except _BadPath as e:
+            return Skip(where, "bad_manifest_line", str(e))
         entries.append(
             Entry(
                 id=f"{rid}:{side}",
-                audio=str((base / rec[f"{side}_audio"]).resolve()),
+                audio=audio,
                 text=f"<language>{lang}</language>{text}" if lang else text,
                 speaker=rec.get("speaker"),
                 doc=rid,
@@ -269,12 +299,12 @@ def discover(paths: list[str], paired_needed: bool, documents: bool = False, doc
         p = resolve_hf(raw) if raw.startswith("hf://") else Path(raw)
         if p.is_dir():
             _from_directory(p, out)
-        elif p.is_file() and p.name.lower().endswith(RECORD_SUFFIXES) and p.suffix.lower() != ".jsonl":
+        elif p.is_file() and p.name.lower().endswith(CORPUS_SUFFIXES):
             out.streams.append(p.resolve())
         elif p.is_file():
             _from_manifest(p, out, paired_needed, documents, doc_key)
         else:
             raise InputError(
-                f"{p}: input not found (expected a JSONL manifest, a directory, or a {', '.join(RECORD_SUFFIXES)} file)"
+                f"{p}: input not found (expected a JSONL manifest, a directory, or a corpus file: {CORPUS_FILES})"
             )
     return out

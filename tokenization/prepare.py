@@ -4,12 +4,16 @@ Work is cut into units of whole documents; unit u becomes shard u. Units are dea
 SLURM array tasks / ranks (`--rank/--world-size`) and, within a rank, to `--num-workers`
 processes. A unit whose shard and sidecar exist is skipped, so a re-run (after preemption, or
 with more ranks) only does what is missing. Whichever rank sees every sidecar writes the index.
+One process runs a slice at a time (a lock, `.lock-rank{r}-of-{n}` in the output); SIGTERM, a
+full disk or a killed run leave finished shards and no partial ones (removed on the way out, or
+by the next run of the slice). The codec loads on the first audio to encode: text needs none.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -20,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_soda.config import UserError
+from megatron_soda.config import ConfigError, UserError, no_space_error
+from megatron_soda.parallel.processes import pid_alive
 from megatron_soda.tokenization.audio_io import AudioSkip, audio_seconds, load_audio
 from megatron_soda.tokenization.codec import MIMI_HF_NAME
 from megatron_soda.tokenization.documents import (
@@ -33,8 +38,15 @@ from megatron_soda.tokenization.documents import (
     build_task_documents,
     parse_formats,
 )
-from megatron_soda.tokenization.inputs import DocGrouper, Entry, InputError, Skip, discover, entries_of_file
-from megatron_soda.tokenization.shard_format import atomic_write_text, index_entry, read_sidecar, write_index
+from megatron_soda.tokenization.inputs import INPUT_HELP, DocGrouper, Entry, InputError, Skip, discover, entries_of_file
+from megatron_soda.tokenization.shard_format import (
+    atomic_write_text,
+    checksums_path,
+    index_entry,
+    read_sidecar,
+    sidecar_path,
+    write_index,
+)
 from megatron_soda.tokenization.shards import Packer, write_shard
 from megatron_soda.tokenization.vocab import SodaLayout
 
@@ -47,8 +59,7 @@ class PrepareConfig:
         metadata={
             "flag": "--input",
             "action": "append",
-            "help": "JSONL manifest, directory, corpus file (.jsonl.gz/.jsonl.zst/.parquet/.arrow/.tar) or "
-            "hf://datasets/OWNER/NAME[/FOLDER] (repeatable)",
+            "help": INPUT_HELP,
         }
     )
     output: str
@@ -97,13 +108,13 @@ class PrepareConfig:
             self.world_size = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
         self.formats = parse_formats(self.formats)
         if self.seq_len < 8:
-            raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
+            raise ConfigError(f"seq_len must be >= 8, got {self.seq_len}")
         if not 1 <= self.num_codebooks <= 8:
-            raise ValueError(f"num_codebooks must be 1..8 (SODA keeps Mimi's first 8), got {self.num_codebooks}")
+            raise ConfigError(f"num_codebooks must be 1..8 (SODA keeps Mimi's first 8), got {self.num_codebooks}")
         if self.files_per_shard < 1 or self.num_workers < 0 or self.batch_seconds <= 0 or self.max_seconds <= 0:
-            raise ValueError("files_per_shard >= 1, num_workers >= 0, batch_seconds > 0, max_seconds > 0 expected")
+            raise ConfigError("files_per_shard >= 1, num_workers >= 0, batch_seconds > 0, max_seconds > 0 expected")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {self.rank} world_size {self.world_size}")
+            raise ConfigError(f"rank must be in [0, world_size), got rank {self.rank} world_size {self.world_size}")
 
     @property
     def paired_needed(self) -> bool:
@@ -135,20 +146,50 @@ class PrepareConfig:
 
 # --- one unit, in a worker ---------------------------------------------------------------------
 
+# What a unit is made with, in this process: tokenizer, layout, and the codec, loaded on the first
+# audio that needs encoding (`_codec`), so text-only inputs never load one (nor reach the Hub for it);
+# `codec_spec` (name, device, num_codebooks) says which, None for pre-tokenized input (no codec).
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, codec: str, device: str, num_codebooks: int, threads: int) -> None:
+def load_codec(name: str, device: str, num_codebooks: int, layout: SodaLayout):
+    """The codec, checked against the token layout."""
+    from megatron_soda.tokenization.codec import MimiCodec
+
+    codec = MimiCodec.load(name, device, num_codebooks)
+    if codec.codebook_size != layout.codebook_size:
+        raise InputError(
+            f"codec {name} has {codec.codebook_size} codes per codebook, layout expects {layout.codebook_size}"
+        )
+    return codec
+
+
+def _codec():
+    """This process's codec, loaded when first needed; the unit being made records its identity."""
+    if _WORKER.get("codec") is None:
+        if _WORKER.get("codec_spec") is None:
+            raise InputError("audio input in a --pretokenized run (which loads no codec)")
+        _WORKER["codec"] = load_codec(*_WORKER["codec_spec"], _WORKER["layout"])
+    if _WORKER.get("codec_identity") is None:
+        _WORKER["codec_identity"] = _WORKER["codec"].identity()
+    _WORKER["codec_used"] = True
+    return _WORKER["codec"]
+
+
+def _init_worker(
+    tokenizer_dir: str, codec_spec: tuple[str, str, int] | None, threads: int, parent: int | None = None
+) -> None:
     import torch
 
-    from megatron_soda.tokenization.codec import MimiCodec
+    from megatron_soda.parallel.processes import die_with_parent
     from megatron_soda.tokenization.text_tokenizer import layout_of, load_tokenizer
 
+    if parent is not None:  # a worker never outlives `soda prepare` (kill -9, a lost parent)
+        die_with_parent(parent)
     if threads:
         torch.set_num_threads(threads)
     tok = load_tokenizer(tokenizer_dir)
-    codec_model = MimiCodec.load(codec, device, num_codebooks) if codec else None  # None: pre-tokenized input
-    _WORKER.update(tokenizer=tok, layout=layout_of(tok), codec=codec_model)
+    _WORKER.update(tokenizer=tok, layout=layout_of(tok), codec=None, codec_spec=codec_spec)
 
 
 def _batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -193,8 +234,34 @@ def _stream_units(path: Path, cfg: PrepareConfig, skips: list[Skip]):
 
 
 def process_unit(unit: int, work: list[list[Entry]] | Path, cfg: PrepareConfig, shard_path: Path) -> dict:
-    """Shard `unit` from its documents, or from a corpus file streamed a group of records at a time."""
+    """Shard `unit` from its documents, or from a corpus file streamed a group of records at a time.
+    Whatever stops it (a full disk, a signal, a bug) removes what it had written so far."""
+    try:
+        return _process_unit(unit, work, cfg, shard_path)
+    except BaseException as e:
+        remove_partials(shard_path.parent, [unit], {os.getpid()})
+        if read_sidecar(shard_path) is None:  # a shard renamed into place whose sidecar never came
+            for p in (shard_path, checksums_path(shard_path), sidecar_path(shard_path)):
+                p.unlink(missing_ok=True)
+        named = _naming(e, shard_path)
+        if named is e:
+            raise
+        raise named from e
+
+
+def _naming(error: BaseException, path: Path) -> BaseException:
+    """A full disk's error as the exception itself (a worker's comes back pickled, without the
+    chain it was found in), naming the file being written when the OS error does not (a buffered
+    write's failure names none), for report_error's one line."""
+    full = no_space_error(error)
+    if full is None or (full is error and full.filename):
+        return error
+    return OSError(full.errno, full.strerror, full.filename or str(path))
+
+
+def _process_unit(unit: int, work: list[list[Entry]] | Path, cfg: PrepareConfig, shard_path: Path) -> dict:
     layout = _WORKER["layout"]
+    _WORKER["codec_used"] = False
     stats: Counter = Counter()
     skips: list[Skip] = []
     fixes: Counter = Counter()
@@ -211,38 +278,25 @@ def process_unit(unit: int, work: list[list[Entry]] | Path, cfg: PrepareConfig, 
         "fixes": dict(fixes),
         "skipped": [asdict(s) for s in skips],
     }
+    if _WORKER.get("codec_used"):  # what the index names as the set's codec (every shard's must agree)
+        record["codec"] = _WORKER["codec_identity"]
     return write_shard(shard_path, samples, unit, record)
 
 
 def _encode_in_pieces(e: Entry, total: float, cfg: PrepareConfig, fixes: Counter) -> np.ndarray:
     """The audio ids of a long audio-only file, decoded and encoded `--batch-seconds` of
-    `--max-seconds` pieces at a time: peak memory is one batch's, not the whole decoded file's (a
-    10-hour file would be 3.5 GB). Each piece is resampled on its own; a tail under a second joins
-    the piece before it."""
-    codec, layout = _WORKER["codec"], _WORKER["layout"]
-    starts = [float(t) for t in np.arange(0.0, total, cfg.max_seconds)]
-    if len(starts) > 1 and total - starts[-1] < 1.0:
-        starts.pop()
-    bounds = [(a, b) for a, b in zip(starts, [*starts[1:], total], strict=True)]
-    per_batch = max(1, int(cfg.batch_seconds // cfg.max_seconds))
-    codes, fixed = [], set()
-    for i in range(0, len(bounds), per_batch):
-        pieces = [
-            load_audio(e.audio, codec.sample_rate, data=e.audio_bytes, segment=b) for b in bounds[i : i + per_batch]
-        ]
-        fixed.update(f for p in pieces for f in p.fixes)
-        codes += codec.encode([p.samples for p in pieces])
+    `--max-seconds` pieces at a time (MimiCodec.encode_file): peak memory is one batch's, not the
+    whole decoded file's (a 10-hour file would be 3.5 GB)."""
+    codes, fixed = _codec().encode_file(e.audio, total, cfg.max_seconds, cfg.batch_seconds, data=e.audio_bytes)
     fixes.update(fixed)
-    return layout.codes_to_ids(np.concatenate(codes))
+    return _WORKER["layout"].codes_to_ids(codes)
 
 
 def _pack_docs(
     docs: list[list[Entry]], cfg: PrepareConfig, packer: Packer, stats: Counter, skips: list[Skip], fixes: Counter
 ) -> list[np.ndarray]:
     """Read, encode and tokenize `docs` and pack them; returns the finished samples."""
-    tok, layout, codec = _WORKER["tokenizer"], _WORKER["layout"], _WORKER["codec"]
-    sample_rate = codec.sample_rate if codec is not None else 24_000
-    max_len = int(cfg.max_seconds * sample_rate)
+    tok, layout = _WORKER["tokenizer"], _WORKER["layout"]
 
     # 1. read every file; an utterance whose file is bad is dropped, its document goes on
     clips: list[np.ndarray] = []
@@ -254,8 +308,13 @@ def _pack_docs(
         good = []
         for e in doc:
             u = (d, len(good))
-            if e.audio is not None and codec is None:
-                raise InputError(f"{e.id}: audio input in a --pretokenized run (which loads no codec)")
+            if e.audio is not None:
+                try:
+                    codec = _codec()  # the first audio loads it
+                except InputError as err:
+                    raise InputError(f"{e.id}: {err}") from None
+                sample_rate = codec.sample_rate
+                max_len = int(cfg.max_seconds * sample_rate)
             total = audio_seconds(e.audio, e.audio_bytes) if e.kind == "audio" and e.segment is None else None
             if total is not None and total > cfg.max_seconds:
                 try:
@@ -303,9 +362,9 @@ def _pack_docs(
 
     # 2. encode audio in length-sorted batches; join the pieces of chunked files back in order
     codes: dict[tuple[int, int], list[np.ndarray]] = {}
-    budget = int(cfg.batch_seconds * sample_rate)
+    budget = int(cfg.batch_seconds * _codec().sample_rate) if clips else 0
     for batch in _batches([len(c) for c in clips], budget):
-        for i, c in zip(batch, codec.encode([clips[i] for i in batch]), strict=True):
+        for i, c in zip(batch, _codec().encode([clips[i] for i in batch]), strict=True):
             codes.setdefault(owners[i], []).append((i, c))
     audio_ids = {u: layout.codes_to_ids(np.concatenate([c for _, c in sorted(parts)])) for u, parts in codes.items()}
     audio_ids.update(streamed)
@@ -452,33 +511,103 @@ def print_summary(summary: dict, out: Path) -> None:
         print(f"  fixed: {', '.join(f'{k} {v}' for k, v in s['fixed'].items())}")
 
 
+class Stopped(UserError):
+    """SIGTERM ended the run (finished shards are kept, a re-run resumes)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Stopped("stopped by SIGTERM: finished shards are kept, partial ones removed; re-run the command to resume")
+
+
+PARTIAL_SHARD = re.compile(r"\.shard-(\d+)\..*\.tmp-(\d+)")  # write_shard's temporary files, by unit and pid
+
+
+def remove_partials(out: Path, units, pids: set[int] | None = None, mine: bool = True) -> list[Path]:
+    """Remove the temporary files of the shards of `units` that processes left behind: those of
+    `pids`, or (None) of every pid that no longer runs here, and this process's own with `mine`.
+    Only this slice's units: another slice of the job array may be writing its own on another node."""
+    units, removed = set(units), []
+    for p in out.glob(".shard-*.tmp-*"):
+        m = PARTIAL_SHARD.fullmatch(p.name)
+        if m and int(m[1]) in units:
+            pid = int(m[2])
+            if pids is not None:
+                drop = pid in pids
+            else:
+                drop = mine if pid == os.getpid() else not pid_alive(pid)
+            if drop:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the units not started and end the workers now, whatever they are doing (their partial
+    shards are removed after): `shutdown` alone would wait for every running unit to finish."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)  # returns at once: its manager sees the workers gone
+
+
+def _fatal(error: BaseException) -> bool:
+    """A unit's failure that every other unit would meet too: stop the run instead of counting it."""
+    from megatron_soda.tokenization.codec import CodecLoadError
+
+    return isinstance(error, Stopped | CodecLoadError) or no_space_error(error) is not None
+
+
+def _same_codec(old: dict | None, new: dict) -> bool:
+    """Codec identities agree on what both know: a text-only run records no weights (it loads none)."""
+    return isinstance(old, dict) and all(old[k] == v for k, v in new.items() if k in old)
+
+
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Run (or resume) this rank's share; returns the summary (of all shards once the index exists)."""
-    from tqdm import tqdm
+    import signal
+    import threading
 
-    from megatron_soda.tokenization.codec import MimiCodec
-    from megatron_soda.tokenization.text_tokenizer import tokenizer_fingerprint
+    from megatron_soda.parallel.locks import hold
 
     cfg.validate()
     inputs = discover(cfg.inputs, cfg.paired_needed, cfg.pretokenized, cfg.doc_key)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    # one process per slice: two would write the same shards (other slices run concurrently)
+    lock = hold(out / f".lock-rank{cfg.rank}-of-{cfg.world_size}", "soda prepare")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        return _prepare(cfg, inputs, out, progress)
+    finally:
+        if main_thread:  # None: a handler not set from Python (the default, for all we can tell)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        lock.close()
+
+
+def _prepare(cfg: PrepareConfig, inputs, out: Path, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from megatron_soda.tokenization.text_tokenizer import tokenizer_fingerprint
+
     tok, layout, tok_dir = _setup_tokenizer(cfg, out)
+    codec = None
+    codec_spec = None if cfg.pretokenized else (cfg.codec, cfg.device, cfg.num_codebooks)
     if cfg.pretokenized:  # the audio was encoded by whoever released the documents: no codec here
-        codec = None
         codec_id = {"name": cfg.codec, "codebook_size": layout.codebook_size, "num_codebooks": layout.codebooks}
-    else:
-        codec = MimiCodec.load(cfg.codec, cfg.device, cfg.num_codebooks)
-        if codec.codebook_size != layout.codebook_size:
-            raise InputError(
-                f"codec {cfg.codec} has {codec.codebook_size} codes per codebook, layout expects {layout.codebook_size}"
-            )
+    elif any(e.audio is not None for doc in inputs.docs for e in doc):  # needed anyway: its identity now
+        codec = load_codec(*codec_spec, layout)
         codec_id = codec.identity()
+    else:  # text, or corpus files read later: loaded on the first audio, if any (the shards record it)
+        codec_id = {"name": cfg.codec, "codebook_size": layout.codebook_size, "num_codebooks": cfg.num_codebooks}
     identity = cfg.output_identity(layout, tokenizer_fingerprint(tok), codec_id)
     id_path = out / "prepare_identity.json"
     if id_path.is_file():
         old = json.loads(id_path.read_text())
-        changed = [k for k in identity if old.get(k) != identity[k]]
+        changed = [
+            k
+            for k in identity
+            if not (_same_codec(old.get(k), identity[k]) if k == "codec" else old.get(k) == identity[k])
+        ]
         if changed:
             raise InputError(
                 f"{out} was prepared with other settings ({', '.join(changed)} differ): use a new --output"
@@ -488,8 +617,10 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
 
     units: list = [*_units(inputs.docs, cfg.files_per_shard), *inputs.streams]  # a corpus file is a unit
     shard_paths = [out / f"shard-{u:06d}.tar" for u in range(len(units))]
-    mine = [u for u in range(len(units)) if u % cfg.world_size == cfg.rank and read_sidecar(shard_paths[u]) is None]
-    done_before = sum(1 for u in range(len(units)) if u % cfg.world_size == cfg.rank) - len(mine)
+    slice_units = [u for u in range(len(units)) if u % cfg.world_size == cfg.rank]
+    remove_partials(out, slice_units, mine=False)  # of an earlier run of this slice that was killed
+    mine = [u for u in slice_units if read_sidecar(shard_paths[u]) is None]
+    done_before = len(slice_units) - len(mine)
     failures: list[str] = []
     t0 = time.time()
     bar = tqdm(
@@ -513,33 +644,49 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
             f"{audio_s / 3600 / el:.4f} audio-h/s ({audio_s / el:.1f}x real time), {tokens / el:,.0f} tok/s"
         )
 
-    workers = min(cfg.num_workers, len(mine))
-    if workers <= 1:
-        _WORKER.update(tokenizer=tok, layout=layout, codec=codec)
-        for u in mine:
-            try:
-                _account(u, process_unit(u, units[u], cfg, shard_paths[u]))
-            except Exception as e:  # one unit's unexpected failure must not lose the others
-                failures.append(f"shard {u}: {type(e).__name__}: {e}")
-    else:
-        import multiprocessing as mp
+    def _failed(u: int, e: Exception) -> None:
+        if _fatal(e):
+            raise e
+        failures.append(f"shard {u}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
 
-        del codec  # each worker loads its own copy
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(
-            workers,
-            mp_context=mp.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(str(tok_dir), "" if cfg.pretokenized else cfg.codec, cfg.device, cfg.num_codebooks, threads),
-        ) as pool:
-            futures = {pool.submit(process_unit, u, units[u], cfg, shard_paths[u]): u for u in mine}
-            for fut in as_completed(futures):
-                u = futures[fut]
+    workers = min(cfg.num_workers, len(mine))
+    try:
+        if workers <= 1:
+            _WORKER.update(tokenizer=tok, layout=layout, codec=codec, codec_spec=codec_spec)
+            _WORKER["codec_identity"] = codec_id if codec is not None else None
+            for u in mine:
                 try:
-                    _account(u, fut.result())
-                except Exception as e:
-                    failures.append(f"shard {u}: {type(e).__name__}: {e}")
-    bar.close()
+                    _account(u, process_unit(u, units[u], cfg, shard_paths[u]))
+                except Exception as e:  # one unit's unexpected failure must not lose the others
+                    _failed(u, e)
+        else:
+            import multiprocessing as mp
+
+            del codec  # each worker loads its own copy, when it meets audio
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(str(tok_dir), codec_spec, threads, os.getpid()),
+            )
+            try:
+                futures = {pool.submit(process_unit, u, units[u], cfg, shard_paths[u]): u for u in mine}
+                for fut in as_completed(futures):
+                    u = futures[fut]
+                    try:
+                        _account(u, fut.result())
+                    except Exception as e:
+                        _failed(u, e)
+            except BaseException:
+                _stop_pool(pool)
+                raise
+            pool.shutdown()
+    except BaseException:
+        remove_partials(out, slice_units)  # the workers' and this process's (all ended by now)
+        raise
+    finally:
+        bar.close()
     if failures:
         raise UserError(f"{len(failures)} shard(s) failed (re-run to retry them): " + "; ".join(failures[:5]))
 
@@ -548,20 +695,45 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     summary = summarize(finished, inputs.skips, time.time() - t0)
     if len(finished) == len(records):
         skipped = [asdict(s) for s in inputs.skips] + [s for r in finished for s in r["skipped"]]
-        atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
-        shards = [index_entry(r) for r in finished]
         meta = {
             "tokenizer": {"name": cfg.tokenizer, "fingerprint": identity["tokenizer_fingerprint"], "path": "tokenizer"},
-            "codec": {"name": cfg.codec, **identity["codec"]},
+            "codec": {"name": cfg.codec, **_set_codec(out, identity["codec"], finished)},
             "num_codebooks": cfg.num_codebooks,
             "formats": cfg.formats,
             "loss_mask": cfg.with_loss_mask,
             "summary": summary,
         }
-        write_index(out, layout, cfg.seq_len, shards, meta)
+        try:
+            atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+            write_index(out, layout, cfg.seq_len, [index_entry(r) for r in finished], meta)
+        except BaseException as e:  # a full disk: no half-written index (nor its temporary file) stays
+            for name in ("index.json", "skipped.jsonl"):
+                (out / f".{name}.tmp-{os.getpid()}").unlink(missing_ok=True)
+            named = _naming(e, out / "index.json")
+            if named is e:
+                raise
+            raise named from e
     else:
         summary["pending_shards"] = len(records) - len(finished)
     return summary
+
+
+def _set_codec(out: Path, known: dict, records: list[dict]) -> dict:
+    """The codec identity of the whole set: the one every shard that encoded audio recorded (a
+    lazily loaded codec is only known from them), else what the run knew before any audio."""
+
+    def nameless(ident: dict) -> str:  # a codec is its config and weights, not the path it came from
+        return json.dumps({k: v for k, v in ident.items() if k != "name"}, sort_keys=True)
+
+    found = {nameless(r["codec"]) for r in records if "codec" in r}
+    if "weights_sha" in known:
+        found.add(nameless(known))
+    if len(found) > 1:
+        raise InputError(
+            f"{out}: its shards were encoded with different codecs (re-runs with another --codec?): "
+            "prepare into a new --output"
+        )
+    return json.loads(found.pop()) if found else known
 
 
 def prepare_job(cfg: PrepareConfig) -> None:

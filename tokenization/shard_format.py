@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_soda.config import UserError
 from megatron_soda.tokenization.vocab import LayoutMismatchError, SodaLayout
 
 INDEX_NAME = "index.json"
@@ -35,7 +36,7 @@ SAMPLE_FIELD = "tokens.npy"
 TAR_BLOCK = 512
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UserError, ValueError):
     """A shard or index that is not what the index says it is."""
 
 

@@ -13,11 +13,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_soda.config import UserError
 from megatron_soda.tokenization.vocab import DELIMITERS, LayoutMismatchError, SodaLayout
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 LLAMA3_TOKENIZER = "meta-llama/Meta-Llama-3-8B"  # gated on the Hub; any local copy works too
+
+
+class TokenizerError(UserError, ValueError):
+    """A text tokenizer that cannot become (or already is) the SODA tokenizer."""
 
 
 def train_tiny_bpe(texts: Iterable[str], vocab_size: int = 1024):
@@ -46,14 +51,14 @@ def is_extended(tokenizer) -> bool:
 def _bos_eos(tokenizer) -> tuple[int, int]:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
-        raise ValueError("the text tokenizer defines no BOS/EOS token; SODA documents are wrapped in BOS ... EOS")
+        raise TokenizerError("the text tokenizer defines no BOS/EOS token; SODA documents are wrapped in BOS ... EOS")
     return bos, eos
 
 
 def extend_tokenizer(tokenizer, codebooks: int = 8, codebook_size: int = 2048):
     """Append delimiters + audio characters; returns (tokenizer, layout) and checks the ids."""
     if is_extended(tokenizer):
-        raise ValueError("tokenizer is already extended with the SODA delimiters")
+        raise TokenizerError("tokenizer is already extended with the SODA delimiters")
     bos, eos = _bos_eos(tokenizer)
     layout = SodaLayout(
         text_vocab_size=len(tokenizer), bos_id=bos, eos_id=eos, codebooks=codebooks, codebook_size=codebook_size
@@ -97,9 +102,19 @@ def verify_layout(tokenizer, layout: SodaLayout) -> None:
 
 
 def load_tokenizer(name_or_path: str):
+    """The tokenizer at a local folder or Hub name; one that cannot be had (offline and not cached,
+    gated, no such folder) is a TokenizerError saying how to give it, not transformers' traceback."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TokenizerError(
+            f"tokenizer {name_or_path}: cannot load it ({first}); pass a local tokenizer folder (one `soda tokenizer` "
+            "or `soda prepare` wrote, or a downloaded Hugging Face model folder), or set HF_HUB_OFFLINE=1 with it in "
+            "the Hugging Face cache (HF_HOME)"
+        ) from None
 
 
 def load_soda_tokenizer(name_or_path: str):
@@ -140,7 +155,7 @@ class TokenizerConfig:
 def tokenizer_job(cfg: TokenizerConfig) -> None:
     """`soda tokenizer`: the SODA tokenizer (text tokenizer + delimiters + audio tokens)."""
     if bool(cfg.base) == bool(cfg.train_tiny):
-        raise ValueError("tokenizer: give exactly one of --base NAME_OR_PATH or --train-tiny TEXT_FILE")
+        raise UserError("tokenizer: give exactly one of --base NAME_OR_PATH or --train-tiny TEXT_FILE")
     if cfg.train_tiny:
         base = train_tiny_bpe(Path(cfg.train_tiny).read_text(encoding="utf-8").splitlines(), cfg.vocab_size)
     else:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from megatron_soda.config import UserError
+
 DELIMITERS = ("<|text_start|>", "<|text_end|>", "<|audio_start|>", "<|audio_end|>")
 PUA_BASE = 0xE000  # the released tokenizer's audio character base (codec-bpe "large" offset)
 LLAMA3_TEXT_VOCAB = 128_256
@@ -21,7 +23,7 @@ MIMI_CODEBOOKS = 8
 MIMI_CODEBOOK_SIZE = 2048
 
 
-class LayoutMismatchError(ValueError):
+class LayoutMismatchError(UserError, ValueError):
     """Raised when data or a tokenizer was made under another token layout."""
 
 
@@ -35,11 +37,11 @@ class SodaLayout:
 
     def __post_init__(self) -> None:
         if not 0 <= self.bos_id < self.text_vocab_size or not 0 <= self.eos_id < self.text_vocab_size:
-            raise ValueError(
+            raise LayoutMismatchError(
                 f"bos_id {self.bos_id} / eos_id {self.eos_id} must be text ids below {self.text_vocab_size}"
             )
         if not 1 <= self.codebooks <= 32 or self.codebook_size < 1:
-            raise ValueError(
+            raise LayoutMismatchError(
                 f"codebooks must be 1..32 and codebook_size >= 1, got {self.codebooks}, {self.codebook_size}"
             )
 

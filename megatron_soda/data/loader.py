@@ -1,18 +1,26 @@
-"""This DP rank's micro-batches of the mixture, and the position that checkpoints save.
+"""This DP rank's share of each global batch of the mixture, and the position that checkpoints save.
 
-The loader's whole state is one integer, `consumed_samples`: step s uses global samples
-[s * global_batch, (s + 1) * global_batch), each DP rank its contiguous slice, and DataLoader
-workers fetch whole micro-batches.
+The loader yields one step's work at a time: this rank's micro-batches of a global batch (it owns
+the micro-batch count, `config.num_micro_batches`). Its whole state is one integer,
+`consumed_samples`: step s uses global samples [s * global_batch, (s + 1) * global_batch), each DP
+rank its contiguous slice, and DataLoader workers fetch whole micro-batches.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import signal
 
 import torch
 from torch.utils.data import DataLoader
 
+from megatron_soda.config import UserError, num_micro_batches
 from megatron_soda.data.mixture import PAD, MixtureDataset
+from megatron_soda.parallel.processes import die_with_parent
+
+log = logging.getLogger("soda")
 
 
 def _collated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,10 +55,7 @@ class GlobalBatchSampler:
     def __init__(
         self, consumed_samples: int, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int
     ):
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
-                f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x DP {dp_size}"
-            )
+        num_micro_batches(global_batch_size, micro_batch_size, dp_size)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         self.consumed = consumed_samples
@@ -66,16 +71,23 @@ class GlobalBatchSampler:
             start += self.gbs
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM / SIGUSR1 / SIGINT to their rank. SLURM and `kill` signal every
-    process of a job: a worker dying of it would take the rank down ("DataLoader worker killed by
-    signal") before it saves; ignoring them, the workers live until the rank has saved and exits."""
+def _worker_init(parent: int, worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGUSR1 / SIGINT to their rank: SLURM and `kill` signal every
+    process of a job, and a worker dying of it would take the rank down ("DataLoader worker killed by
+    signal") before it saves. They die with their rank instead: the rank shuts them down on every
+    exit path (`SodaDataLoader.__iter__`), and the kernel kills them if the rank itself is killed."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent)
+
+
+class DataStateError(UserError, ValueError):
+    """A checkpoint's data position saved for other data than this run reads."""
 
 
 class SodaDataLoader:
-    """Iterates this rank's micro-batches; `state_dict()` goes into every checkpoint."""
+    """Iterates this rank's global batches (lists of micro-batches); `state_dict()` goes into every
+    checkpoint."""
 
     def __init__(
         self,
@@ -92,6 +104,7 @@ class SodaDataLoader:
         self.num_workers = dataset.cfg.num_workers if num_workers is None else num_workers
         self.consumed_samples = consumed_samples
         self.corrupt_samples = 0
+        self.num_micro = num_micro_batches(global_batch_size, micro_batch_size, dp_size)
         GlobalBatchSampler(0, micro_batch_size, global_batch_size, dp_rank, dp_size)  # validates the shape now
 
     def __iter__(self):
@@ -104,22 +117,40 @@ class SodaDataLoader:
             collate_fn=_collated,
             prefetch_factor=4 if self.num_workers else None,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=functools.partial(_worker_init, os.getpid()),
         )
-        for batch in loader:
-            # every DP rank takes one micro-batch at a time in lockstep: the global position moves
-            # by one micro-batch per rank
-            self.consumed_samples += self.mbs * self.dp_size
-            self.corrupt_samples += int(batch["corrupt"].sum())
-            yield split_batch(batch, self.dataset.pad_input)
+        batches = iter(loader)
+        step: list[dict] = []
+        try:
+            for batch in batches:
+                self.corrupt_samples += int(batch["corrupt"].sum())
+                step.append(split_batch(batch, self.dataset.pad_input))
+                if len(step) == self.num_micro:
+                    self.consumed_samples += self.gbs  # every DP rank has its share of this global batch
+                    yield step
+                    step = []
+        finally:
+            # on every way out (the loop closes this generator): the workers, which ignore SIGTERM,
+            # would otherwise be left to multiprocessing's exit handler, which SIGTERMs and joins them
+            # forever
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "fingerprint": self.dataset.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("fingerprint") not in (self.dataset.fingerprint(), self.dataset.fingerprint(legacy=True)):
-            raise ValueError(
-                "data loader state was saved for other data (shard sets, weights, seed or block differ): "
-                f"checkpoint {state.get('fingerprint')} vs now {self.dataset.fingerprint()}"
+        saved = state.get("fingerprint")
+        if saved != self.dataset.fingerprint():
+            if saved not in (self.dataset.fingerprint("records"), self.dataset.fingerprint("paths")):
+                raise DataStateError(
+                    "the checkpoint's data position was saved for other data (shard contents, codec, "
+                    f"tokenizer, sets, weights, seed or block differ): checkpoint {saved} vs now "
+                    f"{self.dataset.fingerprint()}; resume with the data it was trained on, or start a new run"
+                )
+            log.warning(
+                "checkpoint from an earlier version: its data identity covers the shard records, not "
+                "their contents or codec; resuming on these shards as the same data"
             )
         self.consumed_samples = int(state["consumed_samples"])

@@ -18,11 +18,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megatron_soda.config import DataConfig
+from megatron_soda.config import ConfigError, DataConfig
 from megatron_soda.data.shard_set import ShardSet
 from megatron_soda.tokenization.vocab import SodaLayout
 
 PAD = -1  # padding in collated samples
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 _MASK64 = (1 << 64) - 1
@@ -69,7 +77,7 @@ class MixtureDataset(Dataset):
 
     def __init__(self, cfg: DataConfig, layout: SodaLayout | None = None, seq_len: int | None = None) -> None:
         if not cfg.paths:
-            raise ValueError("data.paths: no shard sets given")
+            raise ConfigError("data.paths: no shard sets given")
         self.cfg = cfg
         self.sets = [ShardSet(p, cfg.skip_corrupt, cfg.verify_checksums) for p in cfg.paths]
         first = self.sets[0].index
@@ -80,22 +88,23 @@ class MixtureDataset(Dataset):
         self.names = cfg.names or [Path(p).name for p in cfg.paths]
         if cfg.weights is not None and len(cfg.weights) != len(self.sets):
             sources = ", ".join(f"{n} {w:g}" for n, w in zip(self.names, cfg.weights, strict=False))
-            raise ValueError(
+            raise ConfigError(
                 f"data.weights has {len(cfg.weights)} weights ({sources}) for {len(self.sets)} data.paths: give one "
                 "path per source, in this order, or set data.weights (and data.names) for your own mixture"
             )
         if len(self.names) != len(self.sets):
-            raise ValueError(f"data.names has {len(self.names)} names for {len(self.sets)} data.paths")
+            raise ConfigError(f"data.names has {len(self.names)} names for {len(self.sets)} data.paths")
         self.by_size = cfg.weights is None
         weights = cfg.weights if cfg.weights is not None else [len(s) for s in self.sets]
         if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.weights: expected {len(self.sets)} non-negative weights with a positive sum, got {weights}"
             )
         self.weights = np.asarray(weights, dtype=np.float64)
         self.block = cfg.blend_block
         self.counts = _block_counts(self.weights, self.block)
         self.pad_input = self.layout.eos_id
+        self._fingerprints: dict[str, str] = {}
 
     def describe(self) -> str:
         """The mixture as trained, for the log (and a word when it was not asked for)."""
@@ -104,15 +113,29 @@ class MixtureDataset(Dataset):
             return f"{parts} (by size: data.weights not set; the paper's mixture is set in the soda-* presets)"
         return parts
 
-    def fingerprint(self, legacy: bool = False) -> str:
-        """Identity of the sample order: resuming under another one would silently change the data.
-        A set is identified by its content (its index's shard records), not by how its path is
-        spelled or where it was copied; `legacy`: the path-based identity of older checkpoints."""
+    def fingerprint(self, kind: str = "content") -> str:
+        if kind not in self._fingerprints:  # read once: the checksum sidecars are hashed in full
+            self._fingerprints[kind] = self._fingerprint(kind)
+        return self._fingerprints[kind]
+
+    def _fingerprint(self, kind: str) -> str:
+        """Identity of the sample order and of what it reads: resuming under another one would
+        silently change the data. A set is identified by its content: its shard records, every
+        sample's checksum (the .crc32 sidecars), the codec and tokenizer that made it, not by how its
+        path is spelled or where it was copied. Checkpoints of earlier versions hold weaker kinds:
+        "records" (the index records only) and "paths" (the set's path)."""
 
         def identity(s: ShardSet) -> str:
-            if legacy:
+            if kind == "paths":
                 return str(s.root)
-            return hashlib.sha256(json.dumps(s.index.shards, sort_keys=True).encode()).hexdigest()[:16]
+            what = {"shards": s.index.shards}
+            if kind == "content":
+                what |= {
+                    "checksums": [_file_digest(s.root / r["checksums"]) for r in s.index.shards if r.get("checksums")],
+                    "codec": s.index.meta.get("codec"),
+                    "tokenizer": (s.index.meta.get("tokenizer") or {}).get("fingerprint"),
+                }
+            return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
         desc = {
             "sets": [[identity(s), len(s), s.index.layout.fingerprint()] for s in self.sets],

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_soda.config import IMPL_CHOICES, ConfigError, SodaConfig, check_impls, impl_setting
+from megatron_soda.config import SWITCHES, ConfigError, SodaConfig, switch_options, switch_setting
 
 
 @dataclass(frozen=True)
@@ -47,33 +47,43 @@ class FastPaths:
         return ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(self).items())
 
 
-# Where `auto` does not take the fast path on a GPU, and the measurement that decided it
-# (docs/PERFORMANCE.md, H100, 2026-11-25):
+# What `auto` picks on a GPU, per switch, and the measurement behind it (docs/PERFORMANCE.md, rows in
+# docs/bench: H100 2026-11-25, H200 2026-11-26). A switch not in this table stays on its torch
+# reference under `auto` until a GPU measurement earns it a line here (a test holds every switch to one).
+# - embedding, output, rope: each faster than the reference in the kernel bench and the lever ablation;
+# - wgrad, adam: on, as part of the all-on step (+20% at 135M over all off, and the 600M / 1.7B / 4B
+#   headline rows); alone at 135M over 5 steps they measured -5.7% / -8.4%, within what 5 steps resolve;
 # - norm: torch's RMSNorm was faster than kernels/rmsnorm.py for hidden 576 and 2560 and the 64-dim
-#   QK-norm (0.40-0.83x), slower only for the 128-dim QK-norm (1.79x): auto stays with torch.
-# - cuda_graph: measured on at 135M (part of 26.9% -> 42.0% MFU); at 1.7B (micro-batch 2) the graph's
-#   memory pool ran out of memory, so auto turns graphs on only for models up to hidden 1024, where
-#   the step is host-bound; larger models are GPU-bound and gain little from them.
+#   QK-norm (0.40-0.83x), slower only for the 128-dim QK-norm (1.79x): auto stays with torch;
+# - cuda_graph: on at 135M (part of the all-on gain); at 1.7B, micro-batch 2, the graph's memory pool
+#   ran out of memory on an H100 (2026-11-25; no row was kept), so auto turns graphs on only up to
+#   hidden 1024, where the step is host-bound; larger models are GPU-bound and gain little from them.
 GRAPH_AUTO_MAX_HIDDEN = 1024
+AUTO_ON_GPU = {
+    "embedding": lambda cfg: True,
+    "output": lambda cfg: True,
+    "norm": lambda cfg: False,
+    "rope": lambda cfg: True,
+    "wgrad": lambda cfg: True,
+    "adam": lambda cfg: True,
+    "cuda_graph": lambda cfg: cfg.model.hidden_size <= GRAPH_AUTO_MAX_HIDDEN and cfg.parallel.pp == 1,
+}
 
 
 def auto_fast(name: str, cfg: SodaConfig) -> bool:
     """Whether `auto` picks the fast implementation of switch `name` on a GPU for this model."""
-    if name == "norm":
-        return False
-    if name == "cuda_graph":
-        return cfg.model.hidden_size <= GRAPH_AUTO_MAX_HIDDEN and cfg.parallel.pp == 1
-    return True
+    rule = AUTO_ON_GPU.get(name)
+    return bool(rule and rule(cfg))
 
 
 def resolve_fast_paths(cfg: SodaConfig, cuda: bool) -> FastPaths:
     """auto -> the fast path on GPU (where `auto_fast` says so), the torch path on CPU; explicit
     settings are kept, except those this device or layout cannot run, which are refused with the reason."""
-    check_impls(cfg)
     chosen = {}
-    for name, (_, _, options) in IMPL_CHOICES.items():
-        value = impl_setting(cfg, name)
-        chosen[name] = (options[0] if cuda and auto_fast(name, cfg) else options[1]) if value == "auto" else value
+    for name in SWITCHES:
+        fast, reference = switch_options(name)
+        value = switch_setting(cfg, name)
+        chosen[name] = (fast if cuda and auto_fast(name, cfg) else reference) if value == "auto" else value
     if cfg.optim.cautious:
         if chosen["adam"] == "fused" and cfg.optim.adam_impl == "fused":
             raise ConfigError("optim.adam_impl fused cannot apply optim.cautious's mask: use foreach or auto")

@@ -2,7 +2,8 @@
 
 megatron-core assumes CUDA in a handful of places: tensor factories with device="cuda" or
 `torch.cuda.current_device()`, `torch.cuda.synchronize`, the CUDA RNG state of its tensor-parallel
-RNG tracker, and `param.type() == 'torch.cuda.FloatTensor'` checks in the optimizer. `enable()`
+RNG tracker, and `param.type() == 'torch.cuda.FloatTensor'` checks in the optimizer; and its
+checkpoint writer starts a spawn-context Manager that exists to keep CUDA out of a fork. `enable()`
 redirects exactly those to the CPU, for the whole process, and is only ever called when the CPU
 backend was asked for or no GPU exists, so the CUDA path is never touched. fp32 only: it is for
 debugging a layout, CI and the demo, not for speed.
@@ -43,9 +44,12 @@ class _CudaToCpu(TorchFunctionMode):
 def check_symbols() -> None:
     """The megatron-core internals this module replaces must still exist where we expect them."""
     import megatron.core.optimizer.optimizer as mopt
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.tensor_parallel import random as mrandom
 
     for owner, name in [
+        (filesystem_async, "_get_write_results_queue"),
+        (filesystem_async, "_results_queue"),
         (mrandom, "_get_cuda_rng_state"),
         (mrandom, "_set_cuda_rng_state"),
         (mrandom, "CudaRNGStatesTracker"),
@@ -56,6 +60,29 @@ def check_symbols() -> None:
                 f"CPU backend: megatron-core moved {owner.__name__}.{name}; "
                 "update megatron_soda/parallel/cpu_backend.py"
             )
+
+
+def import_megatron() -> None:
+    """Import megatron-core for a CPU-backend process without torch's compiler: megatron decorates
+    ~40 fused helpers with `torch.compile` at import (`megatron.core.jit.jit_fuser`), which imports
+    torch's whole compiler stack, ~2 s per process; the CPU backend runs none of them (the fusions
+    are off), so here they stay plain functions. Call before anything imports megatron."""
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return
+    real = torch.compile
+
+    def plain(model=None, **kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = plain
+    try:
+        import megatron.core.dist_checkpointing  # noqa: F401
+        import megatron.core.jit  # noqa: F401
+        import megatron.core.tensor_parallel  # noqa: F401
+    finally:
+        torch.compile = real
 
 
 def enable() -> None:
@@ -111,4 +138,26 @@ def enable() -> None:
         return original_type(self, dtype, non_blocking, **kw)
 
     torch.Tensor.type = tensor_type
+
+    # 4. dist_checkpointing's writer collects results through a spawn-context Manager, started at a
+    # process's first save: a fresh interpreter re-importing the entry module, 2-5 s per process on
+    # a small CPU machine. Spawn protects a CUDA context from fork; there is none here (megatron
+    # forks its writer processes anyway), so the CPU backend gives it a fork-context Manager.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def fork_results_queue():
+        if filesystem_async._results_queue is None:
+            import functools
+            import multiprocessing as mp
+            import os
+            from multiprocessing.managers import SyncManager
+
+            from megatron_soda.parallel.processes import die_with_parent
+
+            manager = SyncManager(ctx=mp.get_context("fork"))
+            manager.start(functools.partial(die_with_parent, os.getpid()))  # never outlives this rank
+            filesystem_async._results_queue = manager.Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = fork_results_queue
     _ENABLED = True

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_soda.config import ConfigError, SodaConfig, validate
+from megatron_soda.config import ConfigError, SodaConfig, data_parallel_size
 
 
 def resolve_device(name: str) -> str:
@@ -22,11 +22,6 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device cuda: torch sees no GPU (use --device cpu for the CPU backend)")
     return name
-
-
-def world_size_from_env() -> int:
-    """The number of ranks the launcher (torchrun or srun) started, before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 
 def init_distributed(device: str) -> None:
@@ -42,11 +37,9 @@ def init_distributed(device: str) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        import socket
+        from megatron_soda.parallel.processes import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl", timeout=timedelta(minutes=10))
@@ -58,14 +51,14 @@ def init_distributed(device: str) -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("SODA_GLOO_TIMEOUT_S", "300"))))
 
 
-def setup_parallel(cfg: SodaConfig, need_data: bool = True, graph_safe_rng: bool = False) -> int:
-    """Process groups for TP x PP x DP and the seeded RNG trackers; returns the DP degree.
-    `graph_safe_rng`: CUDA graphs need megatron's graph-safe tracker (generator objects a graph can
-    register) from the start."""
+def setup_parallel(cfg: SodaConfig, graph_safe_rng: bool = False) -> int:
+    """Process groups for TP x PP x DP and the seeded RNG trackers of a validated config; returns
+    the DP degree. `graph_safe_rng`: CUDA graphs need megatron's graph-safe tracker (generator
+    objects a graph can register) from the start."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    dp = validate(cfg, dist.get_world_size(), need_data)
+    dp = data_parallel_size(cfg.parallel, dist.get_world_size())
     p = cfg.parallel
     ps.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,

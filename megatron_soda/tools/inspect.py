@@ -8,17 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from megatron_soda.data.shard_set import ShardReadError, ShardSet
+from megatron_soda.config import UserError
 from megatron_soda.tokenization.codec import MIMI_FRAME_RATE
-from megatron_soda.tokenization.vocab import SodaLayout
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from megatron_soda.tokenization.vocab import SodaLayout
 
 
 def verify_set(path: str) -> int:
     """Read every sample (header, ids, checksum); print each bad one; a UserError when any is bad."""
     from tqdm import tqdm
+
+    from megatron_soda.data.shard_set import ShardReadError, ShardSet
 
     s = ShardSet(path, skip_corrupt=True)  # skip_corrupt: go on past a bad sample, counting it
     bad = list(s.skipped_shards)
@@ -63,6 +68,7 @@ def render(ids: np.ndarray, tokenizer, layout: SodaLayout, num_codebooks: int) -
 
 
 def inspect(path: str, num_samples: int = 3, chars: int = 300) -> None:
+    from megatron_soda.data.shard_set import ShardSet
     from megatron_soda.tokenization.text_tokenizer import load_tokenizer
 
     shards = ShardSet(path)
@@ -112,6 +118,8 @@ class InspectConfig:
 
 def inspect_job(cfg: InspectConfig) -> None:
     """`soda inspect`: a shard set (decode a few samples) or a checkpoint (config, shapes)."""
+    if not Path(cfg.path).exists():
+        raise UserError(f"{cfg.path}: no such shard set, run directory or checkpoint")
     if (Path(cfg.path) / "index.json").is_file():
         if cfg.verify:
             verify_set(cfg.path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_soda.config import UserError
 from megatron_soda.training.metrics import read_metrics
 
 
@@ -81,6 +82,8 @@ def plot_bench(rows: list[dict], out: str | Path, last: int = 24) -> Path:
 
 def ascii_curve(run_dir: str | Path, points: int = 10) -> str:
     rows = read_metrics(run_dir)
+    if not rows:
+        raise UserError(f"{Path(run_dir) / 'metrics.jsonl'}: no steps logged yet")
     n = len(rows)
     pick = [rows[i] for i in sorted({round(i * (n - 1) / max(points - 1, 1)) for i in range(points)})]
     lo, hi = min(r["loss"] for r in rows), max(r["loss"] for r in rows)

@@ -1,7 +1,7 @@
-"""`python -m megatron_soda.training [--config ...]`: one training rank (what torchrun and srun start)."""
+"""`python -m megatron_soda.training ARGS` is `soda train ARGS` (what user-written torchrun / srun lines start)."""
 
 import sys
 
-from megatron_soda.training.loop import main
+from megatron_soda.cli import main
 
-sys.exit(main())
+sys.exit(main(["train", *sys.argv[1:]]))

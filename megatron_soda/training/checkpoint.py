@@ -11,6 +11,7 @@ A save writes the hidden directory, waits for every rank, renames it and only th
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -22,28 +23,11 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_soda.config import UserError
+from megatron_soda.config import ConfigError, SodaConfig, save_config
+from megatron_soda.training.run_dir import CheckpointError, check_run_dir, ckpt_root, latest
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A path that is not a complete checkpoint of ours."""
-
-
-def ckpt_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest(run_dir: str | Path) -> Path | None:
-    root = ckpt_root(run_dir)
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
+log = logging.getLogger("soda")
 
 
 def _layout() -> tuple[int, int, int]:
@@ -102,9 +86,12 @@ class Checkpointer:
         tmp = self.root / f".iter_{step:07d}.tmp"
         if dist.get_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # a run never replaces a checkpoint it did not resume from
+                raise CheckpointError(f"{final} exists already: refusing to overwrite it")
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+            self._warn_if_short_of_space(chunks, optimizer)
         dist.barrier()
         state = sharded_state(chunks, optimizer, is_loading=False, with_rng=True)
         state["common"] = dict(common, layout=_layout())
@@ -112,8 +99,6 @@ class Checkpointer:
         def finalize() -> None:
             dist.barrier()
             if dist.get_rank() == 0:
-                if final.exists():
-                    shutil.rmtree(final)
                 os.replace(tmp, final)
                 pointer = self.root / ".latest.tmp"
                 pointer.write_text(final.name)
@@ -121,14 +106,48 @@ class Checkpointer:
                 self._prune()
             dist.barrier()
 
-        if self.async_queue is None:
-            dist_checkpointing.save(state, str(tmp))
-            finalize()
-        else:
-            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-            request.add_finalize_fn(finalize)
-            self.async_queue.schedule_async_request(request)
+        try:
+            if self.async_queue is None:
+                dist_checkpointing.save(state, str(tmp))
+                finalize()
+            else:
+                request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+                request.add_finalize_fn(finalize)
+                self.async_queue.schedule_async_request(request)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            raise self._failed(tmp, e) from e
         return final
+
+    def _failed(self, tmp: Path, error: BaseException) -> BaseException:
+        """A save that failed: its partial directory removed (the space a retry needs), `latest`
+        left on the previous complete checkpoint, and a full disk named as such."""
+        full = disk_full(error, tmp)
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            latest_name = (self.root / "latest").read_text().strip() if (self.root / "latest").is_file() else "none"
+            return CheckpointError(
+                f"saving {tmp.name[1:-4]} to {self.root}: no space left on device; the partial save was removed "
+                f"and latest still names {latest_name}: free space, then resume"
+            )
+        return error
+
+    def _warn_if_short_of_space(self, chunks, optimizer) -> None:
+        """Before a save: the last checkpoint's size (or ~16 bytes per parameter before the first)
+        against the free space, so a full disk is seen coming."""
+        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
+        if done:
+            need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+        else:
+            need = 16 * sum(p.numel() for c in chunks for p in c.parameters()) * dist.get_world_size()
+        free = shutil.disk_usage(self.root).free
+        if free < 1.1 * need:
+            log.warning(
+                "checkpoint save to %s needs ~%.2f GB, %.2f GB free there: it may fail",
+                self.root,
+                need / 1e9,
+                free / 1e9,
+            )
 
     def poll(self, blocking: bool = False) -> None:
         """Finish async saves that are done (all ranks call this at the same points)."""
@@ -143,6 +162,31 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".iter_*.tmp"):  # saves a crash interrupted; none is in flight now
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def disk_full(error: BaseException, where: Path) -> bool:
+    """Whether a failed write failed for want of space: ENOSPC / EDQUOT anywhere in the exception
+    chain (torch's CheckpointException keeps each rank's failure), or next to no space left at
+    `where` (torch's zip writer reports a short write only as "unexpected pos ...")."""
+    import errno
+
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+            todo += [f[0] for f in failures.values() if isinstance(f, tuple) and f and isinstance(f[0], BaseException)]
+    try:
+        return shutil.disk_usage(where if where.exists() else where.parent).free < 16 * 2**20
+    except OSError:
+        return False
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -192,13 +236,12 @@ def _restore_adam_step(optimizer, loaded_state) -> None:
 
 def load(path: Path, chunks, optimizer) -> dict:
     """Restore model and optimizer (and RNG when the layout is unchanged); returns the common state."""
-    check_metadata(path)
-    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    common = common_state(path)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     same_layout = tuple(common.get("layout", ())) == _layout()
     request = sharded_state(chunks, optimizer, is_loading=True, with_rng=same_layout)
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = read_checkpoint(path, "tensors", lambda: dist_checkpointing.load(request, str(path)))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded[f"model{i}"], strict=True)
     if optimizer is not None:
@@ -250,16 +293,47 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def check_metadata(path: Path) -> None:
-    """Read `path/.metadata` with the allow-listing unpickler above; a CheckpointError names what
-    it refused. torch's own reader (plain pickle) only sees files that passed."""
+    """Read `path/.metadata` with the allow-listing unpickler above (a CheckpointError names what it
+    refused; torch's own reader, plain pickle, only sees files that passed), then check that every
+    shard file it lists is there and long enough: a missing or cut `.distcp` is one line, not a
+    60-line traceback from the middle of a load."""
     meta = path / ".metadata"
     if not meta.is_file():
-        return  # megatron's reader reports a missing file itself
+        raise CheckpointError(f"{path}: no .metadata (not a complete torch distributed checkpoint)")
     try:
         with open(meta, "rb") as f:
-            _MetadataUnpickler(f).load()
+            metadata = _MetadataUnpickler(f).load()
     except Exception as e:  # noqa: BLE001  (a malformed or crafted file: either way not loaded)
         raise CheckpointError(f"{meta}: refusing to load it: {e}") from None
+    need: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, size in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: shard file {rel} is missing (the checkpoint is incomplete)")
+        if f.stat().st_size < size:
+            raise CheckpointError(
+                f"{path}: shard file {rel} is truncated ({f.stat().st_size} bytes, its index needs {size})"
+            )
+
+
+def read_checkpoint(path: Path, what: str, fn):
+    """Run a megatron/torch checkpoint read; whatever it raises on a file it cannot read (a garbage
+    or empty common.pt, a newer format version) is one line naming the checkpoint."""
+    try:
+        return fn()
+    except (KeyboardInterrupt, SystemExit, CheckpointError):
+        raise
+    except BaseException as e:  # noqa: BLE001  (torch's CheckpointException is a BaseException)
+        first = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, EOFError) or first in ("", type(e).__name__):
+            first = "a file in it is empty or cut short"
+        elif "weights_only" in first or "Weights only load failed" in first:
+            first = "not a checkpoint file torch's safe loader reads"
+        raise CheckpointError(f"{path}: cannot read its {what} ({type(e).__name__}: {first[:200]})") from None
 
 
 def resolve(path: str | Path) -> Path:
@@ -267,7 +341,10 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if (path / "latest").is_file():
+    if (path / "latest").exists() and path.name == "checkpoints":  # a run directory's: the same checks as a resume
+        found = latest(path.parent)
+        path = found if found is not None else path
+    elif (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
@@ -277,12 +354,91 @@ def resolve(path: str | Path) -> Path:
 
 def common_state(path: str | Path) -> dict:
     """The non-tensor part of a checkpoint (step, config, data position, layout), read by one process."""
-    return dist_checkpointing.load_common_state_dict(str(resolve(path)))["common"]
+    path = resolve(path)
+    state = read_checkpoint(path, "common state", lambda: dist_checkpointing.load_common_state_dict(str(path)))
+    if not isinstance(state, dict) or not isinstance(state.get("common"), dict):
+        raise CheckpointError(f"{path}: its common state is not a megatron-soda checkpoint's")
+    return state["common"]
 
 
 def load_weights(path: str | Path, chunks) -> None:
     """Model weights only, from any layout's checkpoint (`checkpoint.init_from`)."""
     path = resolve(path)
-    loaded = dist_checkpointing.load(_model_sd(chunks), str(path))
+    loaded = read_checkpoint(path, "weights", lambda: dist_checkpointing.load(_model_sd(chunks), str(path)))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded[f"model{i}"], strict=True)
+
+
+# --- the run's view: what to save, when, and what a resume restores --------------------------------
+
+SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "head_dim", "ffn_hidden_size")
+
+
+def check_same_model(cfg: SodaConfig, common: dict, path) -> None:
+    """Resuming needs the model the checkpoint holds: a different shape is one line, not megatron's
+    shape-mismatch traceback."""
+    saved = common.get("config", {}).get("model", {})
+    diff = [
+        f"model.{k} {getattr(cfg.model, k)} (checkpoint: {saved[k]})"
+        for k in (*SHAPE_KEYS, "vocab_size", "tie_embeddings")
+        if k in saved and saved[k] != getattr(cfg.model, k)
+    ]
+    if diff:
+        raise ConfigError(
+            f"{path} holds another model than this run asks for: {', '.join(diff)}; resume with the "
+            "checkpoint's settings, or start a new run (another --run-dir, or --checkpoint.init_from for weights)"
+        )
+
+
+class CheckpointManager:
+    """The stateful parts of a run (the Trainer, the loader, the data-integrity counts) and their
+    checkpoints: `load_latest` restores them (or starts from `checkpoint.init_from` weights),
+    `maybe_save` decides itself whether a step is saved. Every rank calls both at the same steps."""
+
+    def __init__(self, cfg: SodaConfig, trainer, loader, integrity) -> None:
+        self.cfg, self.trainer, self.loader, self.integrity = cfg, trainer, loader, integrity
+        c = cfg.checkpoint
+        self.writer = Checkpointer(cfg.run_dir, c.keep_last, c.async_save)
+        self.last_saved: Path | None = None
+
+    def load_latest(self) -> Path | None:
+        """Resume from the run directory's `latest` (returns it), else load `init_from` weights."""
+        c = self.cfg.checkpoint
+        path = check_run_dir(Path(self.cfg.run_dir), c.resume)
+        if path is None:
+            if c.init_from:
+                load_weights(c.init_from, self.trainer.modules)
+                if self.trainer.rank0:
+                    log.info("weights from %s (a new run: step 0, fresh optimizer)", c.init_from)
+            return None
+        check_same_model(self.cfg, common_state(path), path)
+        common = load(path, self.trainer.modules, self.trainer.optimizer)
+        self.trainer.load_state_dict(common)
+        self.loader.load_state_dict(common["data"])
+        self.integrity.load_state_dict(common["data"])
+        self.last_saved = path
+        if self.trainer.rank0:
+            log.info(
+                "resumed from %s at step %d (%d samples consumed)",
+                path,
+                self.trainer.step,
+                self.loader.consumed_samples,
+            )
+        return path
+
+    def maybe_save(self, step: int, force: bool = False) -> Path | None:
+        """Save at `checkpoint.save_interval` steps, or now when `force` (the last step, a stop)."""
+        self.writer.poll()
+        interval = self.cfg.checkpoint.save_interval
+        if not (force or (interval and step % interval == 0)):
+            return None
+        data = {**self.loader.state_dict(), **self.integrity.state_dict()}
+        common = {**self.trainer.state_dict(), "data": data, "config": self.cfg.to_dict()}
+        self.last_saved = self.writer.save(step, self.trainer.modules, self.trainer.optimizer, common)
+        if self.trainer.rank0:
+            save_config(self.cfg, self.writer.root / "config.yaml")
+        return self.last_saved
+
+    def finish(self) -> None:
+        """Wait for an async save in flight."""
+        self.writer.poll(blocking=True)

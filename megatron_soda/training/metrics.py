@@ -1,5 +1,6 @@
-"""What a run writes about itself: metrics.jsonl (one JSON row per logged step), TensorBoard, and
-W&B when asked and installed; `read_metrics` is the one reader of metrics.jsonl."""
+"""What a run reports about itself: `StepMetrics` turns the Trainer's row of a step into throughput,
+TFLOP/s, MFU and memory; `MetricsLog` writes rows to metrics.jsonl (one JSON row per logged step),
+TensorBoard, and W&B when asked and installed; `read_metrics` is the one reader of metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -8,9 +9,47 @@ import logging
 import os
 from pathlib import Path
 
-from megatron_soda.config import SodaConfig
+from megatron_soda.config import SodaConfig, UserError
 
 log = logging.getLogger("soda")
+
+
+class StepMetrics:
+    """Per-step arithmetic: tokens/s of the whole job, TFLOP/s and MFU per device (the training
+    code's FLOPs per token, model/flops.py; MFU in the paper's convention, attention over the full
+    score matrix, and as `mfu_causal`, over the half causal kernels compute), peak memory, the data
+    position."""
+
+    def __init__(self, cfg: SodaConfig, world_size: int, device: str) -> None:
+        from megatron_soda.model.flops import flops_per_token, peak_tflops
+
+        t = cfg.train
+        self.tokens_per_step = t.global_batch_size * t.seq_length
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_length)
+        self.causal_flops_per_token = flops_per_token(cfg.model, t.seq_length, causal=True)
+        self.peak = peak_tflops(t.peak_tflops)
+        self.world, self.device = world_size, device
+
+    def process(self, row: dict, skipped_steps: int, consumed_samples: int) -> dict:
+        from megatron_soda.model.flops import mfu
+        from megatron_soda.parallel.setup import peak_memory_gb
+
+        step_s = row.pop("step_s")
+        tokens_per_s = self.tokens_per_step / step_s
+        per_device = tokens_per_s / self.world
+        for k in ("fwd_bwd_s", "optimizer_s"):
+            row.pop(k)
+        row.update(
+            tokens_per_s=tokens_per_s,
+            tflops_per_device=self.flops_per_token * per_device / 1e12,
+            mfu=mfu(self.flops_per_token, per_device, self.peak),  # attention over the full score matrix
+            mfu_causal=mfu(self.causal_flops_per_token, per_device, self.peak),  # what the causal kernels compute
+            memory_gb=peak_memory_gb(self.device),
+            step_time_s=step_s,
+            skipped_steps=skipped_steps,
+            consumed_samples=consumed_samples,
+        )
+        return row
 
 
 def _step(line: str) -> int | None:
@@ -72,5 +111,5 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, in order."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a `soda train` run directory?)")
+        raise UserError(f"{path}: no metrics (is {run_dir} a `soda train` run directory?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

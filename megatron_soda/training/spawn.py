@@ -1,91 +1,128 @@
-"""Starting `soda train`: the one place that turns "N local ranks" into processes.
+"""`soda train`: from a command line to training ranks.
 
-`soda train --nproc N`, `soda finetune` and `soda isoflop run` all come here. Under SLURM or an outer
-torchrun (RANK or SLURM_PROCID set) this process already is one rank and trains in place;
-otherwise N > 1 local ranks are started through torchrun (`training/torchrun.py`: stock torchrun
-ending on one line when a rank fails), each running `python -m megatron_soda.training`.
+The command line is parsed once (megatron_soda/options.py: `--config`, `--section.key` overrides),
+the run config is resolved and validated here, before any rank or heavy import exists, and the
+ranks receive the resolved config as a file. Under SLURM or an outer torchrun (RANK or
+SLURM_PROCID set) this process already is one rank and trains in place; otherwise N > 1 local
+ranks are started through torchrun (parallel/processes.py), each running
+`python -m megatron_soda.cli train --config RESOLVED.yaml`: the same command, given a file.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-
-def split_nproc(argv: list[str]) -> tuple[int, list[str]]:
-    """`--nproc N` (or `--nproc=N`) out of a `soda train` command line; ValueError names a bad value."""
-    nproc, rest, i = 1, [], 0
-    while i < len(argv):
-        if argv[i] == "--nproc" or argv[i].startswith("--nproc="):
-            value = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError("--nproc takes a number of local processes")
-            nproc, i = int(value), i + (1 if "=" in argv[i] else 2)
-        else:
-            rest.append(argv[i])
-            i += 1
-    return nproc, rest
+from megatron_soda.config import ConfigError, Device, SodaConfig, UserError, load_config, opt, save_config, validate
+from megatron_soda.parallel import processes
+from megatron_soda.training.run_dir import check_run_dir
 
 
-def torchrun_command(nproc: int, args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "megatron_soda.training.torchrun",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megatron_soda.training",
-        *args,
-    ]
+@dataclass
+class TrainCommand:
+    config: str | None = opt(None, "YAML preset, e.g. configs/soda-600m.yaml (--section.key flags override it)")
+    device: Device | None = opt(None, "cpu: megatron-core on gloo (fp32); the same as --train.device")
+    nproc: int = opt(1, "local ranks (started through torchrun); under srun / torchrun each process is one rank")
+    max_restarts: int = opt(
+        0, "restart the job in place (resuming from latest) when a rank crashes or hangs, up to this many times"
+    )
 
 
-# torchrun forwards these to the ranks (which save and stop on SIGTERM / SIGUSR1). torch >= 2.8's
-# torchrun takes them from --signals-to-handle (default from PET_SIGNALS_TO_HANDLE) and overwrites
-# TORCHELASTIC_SIGNALS_TO_HANDLE, which older versions read: both are set, for every supported torch.
-SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-SIGNAL_ENV = {"PET_SIGNALS_TO_HANDLE": SIGNALS_TO_HANDLE, "TORCHELASTIC_SIGNALS_TO_HANDLE": SIGNALS_TO_HANDLE}
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # SIGINT: a terminal sends it to all already
+def resolve(cmd: TrainCommand, overrides: dict) -> SodaConfig:
+    """The run config a command line asks for (preset, overrides, --device), not yet validated."""
+    cfg = load_config(cmd.config, overrides)
+    if cmd.device:
+        cfg.train.device = cmd.device
+    return cfg
 
 
-def launched() -> bool:
-    """This process is already one rank of a launched job (torchrun or srun)."""
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+def world_size(nproc: int) -> int:
+    """The ranks of this job: the launcher's (torchrun or srun) when there is one, else `nproc`."""
+    if processes.launched():
+        return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    return nproc
 
 
-def train(nproc: int, args: list[str], log_file: Path | None = None) -> int:
-    """Run `soda train ARGS` with `nproc` local ranks; returns its exit code. With `log_file` the
+def train_job(cmd: TrainCommand, overrides: dict) -> int:
+    """`soda train`: train a model, or resume its run directory."""
+    if cmd.nproc < 1 or cmd.max_restarts < 0:
+        raise ConfigError(f"--nproc must be >= 1 and --max-restarts >= 0, got {cmd.nproc} and {cmd.max_restarts}")
+    cfg = resolve(cmd, overrides)
+    validate(cfg, world_size(cmd.nproc))
+    check_data(cfg)
+    check_run_dir(Path(cfg.run_dir), cfg.checkpoint.resume)
+    return start(cfg, cmd.nproc, max_restarts=cmd.max_restarts)
+
+
+def check_data(cfg: SodaConfig) -> None:
+    """Every shard set named is a `soda prepare` output (its index reads) in the model's token layout:
+    refused here, in one line and before any rank starts, rather than by every rank after its imports."""
+    from megatron_soda.tokenization.shard_format import read_index
+
+    for key, paths in (("data.paths", cfg.data.paths), ("data.val_paths", cfg.data.val_paths)):
+        for p in paths:
+            try:
+                layout = read_index(p).layout
+            except UserError as e:
+                raise ConfigError(f"{key}: {e}") from None
+            if cfg.model.vocab_size and cfg.model.vocab_size != layout.vocab_size:
+                raise ConfigError(
+                    f"model.vocab_size {cfg.model.vocab_size} but the shards of {p} use a {layout.vocab_size}-id "
+                    f"layout (text {layout.text_vocab_size}): tokenizer and model disagree"
+                )
+
+
+# The exit code of a rank that crashed (a bug, a lost peer) or hung (the watchdog's): what a restart
+# can cure. A user error (2) or a stop on a signal (0, the run saved) is not retried.
+RESTARTABLE = 1
+
+
+def start(cfg: SodaConfig, nproc: int, log_file: Path | None = None, max_restarts: int = 0) -> int:
+    """Train `cfg` (validated) with `nproc` local ranks; returns the exit code. With `log_file` the
     ranks run as a child process writing there (what a tool running many trainings wants); without,
-    one rank trains in this process and N ranks share this terminal."""
-    if log_file is None and (nproc == 1 or launched()):
-        from megatron_soda.training.loop import main
+    one rank trains in this process and N ranks share this terminal. With `max_restarts`, a job
+    whose rank crashed or hung is started again (it resumes from `latest`), that many times at most."""
+    if log_file is None and max_restarts == 0 and (nproc == 1 or processes.launched()):
+        from megatron_soda.parallel.setup import resolve_device
 
-        return main(args)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one host share its cores
-    env.update({k: env.get(k, v) for k, v in SIGNAL_ENV.items()})
-    cmd = torchrun_command(nproc, args) if nproc > 1 else [sys.executable, "-m", "megatron_soda.training", *args]
-    if log_file is None:
-        return run_forwarding(cmd, env)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as f:
-        return run_forwarding(cmd, env, stdout=f, stderr=subprocess.STDOUT)
+        if resolve_device(cfg.train.device) == "cpu":
+            from megatron_soda.parallel.cpu_backend import import_megatron
 
+            import_megatron()
+        from megatron_soda.training.loop import run_rank
 
-def run_forwarding(cmd: list[str], env: dict, **kw) -> int:
-    """Run the child to its end, passing it the signals a scheduler or a user sends this process:
-    this wrapper is what they see, and the ranks must get the chance to save, not be orphaned."""
-    proc = subprocess.Popen(cmd, env=env, **kw)
-
-    def forward(signum, frame) -> None:
-        proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+        return run_rank(cfg)
+    fd, resolved = tempfile.mkstemp(prefix="soda-train-", suffix=".yaml")
+    os.close(fd)
     try:
-        return proc.wait()
+        save_config(cfg, resolved)
+        args = ["train", "--config", resolved]
+        cmd = (
+            processes.torchrun(nproc, "megatron_soda.cli", args)
+            if nproc > 1
+            else processes.python_module("megatron_soda.cli", args)
+        )
+        out = None
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_file, "w")
+        try:
+            for attempt in range(max_restarts + 1):
+                env = dict(processes.rank_env(nproc), SODA_ATTEMPT=str(attempt))
+                code = processes.run_forwarding(cmd, env, **({"stdout": out, "stderr": out} if out else {}))
+                if code != RESTARTABLE or attempt == max_restarts:
+                    return code
+                print(
+                    f"soda train: restarting the job ({attempt + 1} of {max_restarts}), resuming from latest",
+                    file=out or sys.stderr,
+                    flush=True,
+                )
+            return code
+        finally:
+            if out is not None:
+                out.close()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        Path(resolved).unlink(missing_ok=True)

@@ -2,10 +2,11 @@
 
 It owns the model chunks (megatron DDP, bf16 on GPU), the optimizer and LR schedule, and megatron's
 forward-backward schedule (inside a CUDA graph when `parallel.cuda_graph` says so). `train_step`
-turns one global batch's micro-batches into one optimizer step (or a skipped one, when a loss or
-gradient is not finite); `evaluate` runs the same forward without gradients. `state_dict` /
-`load_state_dict` are its non-tensor state, which the checkpointer saves beside the sharded model
-and optimizer. The loop (loop.py) and `soda bench train` both drive this same step.
+turns this rank's share of one global batch (a list of micro-batches, as the loader yields it) into
+one optimizer step (or a skipped one, when a loss or gradient is not finite); `evaluate` runs the
+same forward without gradients. `state_dict` / `load_state_dict` are its non-tensor state, which the
+checkpointer saves beside the sharded model and optimizer. The loop (loop.py) and `soda bench
+train` both build it with `build_trainer` and drive this same step.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_soda.config import SodaConfig
-from megatron_soda.model.fast_paths import FastPaths, install
+from megatron_soda.model.fast_paths import FastPaths, install, resolve_fast_paths
 from megatron_soda.model.init import layout_invariant_init
-from megatron_soda.parallel.setup import synchronize
+from megatron_soda.parallel.setup import resolve_device, setup_parallel, synchronize
 from megatron_soda.tokenization.vocab import SodaLayout
 from megatron_soda.training.optimizer import build_optimizer, build_scheduler
 
@@ -29,6 +30,45 @@ log = logging.getLogger("soda")
 # Eager steps before the graph is captured: the first compiles the Triton kernels, picks cuBLAS
 # algorithms and the weight-gradient GEMM form; the capture then replays as the third step.
 CUDA_GRAPH_WARMUP_STEPS = 2
+
+
+def build_trainer(cfg: SodaConfig, layout: SodaLayout, need_data: bool = True) -> Trainer:
+    """A validated config -> this rank's Trainer: the device, what each speed switch means on it,
+    the process groups and seeds, the model, DDP and optimizer (the loop and the bench both call
+    this). Call inside an initialized process group."""
+    device = resolve_device(cfg.train.device)
+    fp = resolve_fast_paths(cfg, device == "cuda")
+    dp = setup_parallel(cfg, graph_safe_rng=fp.cuda_graph != "none")
+    check_memory(cfg, device, dp)
+    return Trainer(cfg, device, fp, layout, dp)
+
+
+def check_memory(cfg: SodaConfig, device: str, dp: int) -> None:
+    """Refuse, before allocating, a model whose weights, gradients and optimizer state alone exceed
+    this rank's memory (activations come on top, so a model that passes may still not fit): bf16
+    weights + fp32 gradients, main weights and Adam moments on GPU (18 bytes per parameter, the
+    last 12 over DP with the distributed optimizer), fp32 on the CPU backend (16)."""
+    from megatron_soda.config import ConfigError, model_state_bytes
+
+    p = cfg.parallel
+    params = model_state_bytes(cfg.model, p.tp * p.pp) / 16
+    if device == "cuda":
+        per_param = 2 + 4 + 12 / (dp if p.distributed_optimizer else 1)
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        where = f"{torch.cuda.get_device_name()} ({total / 2**30:.0f} GiB)"
+    else:
+        import psutil
+
+        per_param = 4 + 4 + 8 / (dp if p.distributed_optimizer else 1)
+        total = psutil.virtual_memory().total
+        where = f"this host's {total / 2**30:.0f} GiB"
+    need = params * per_param
+    if need > total:
+        raise ConfigError(
+            f"model state needs ~{need / 2**30:,.1f} GiB per rank ({params / 1e9:.2f}B parameters per rank x "
+            f"{per_param:.0f} bytes), more than {where}: raise parallel.tp / parallel.pp, or use "
+            "parallel.distributed_optimizer with more data-parallel ranks"
+        )
 
 
 class Trainer:
@@ -65,7 +105,9 @@ class Trainer:
         ]
         self.optimizer = build_optimizer(cfg, self.chunks, dtype, fused_adam=fp.adam == "fused")
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        config.finalize_model_grads_func = finalize_grads
+        config.finalize_model_grads_func = self._finalize_grads
+        self.time_grad_sync = False  # time the gradient reduction (two device syncs; never inside a CUDA graph)
+        self.grad_sync_s = 0.0
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
         if p.overlap_grad_reduce:
@@ -82,22 +124,31 @@ class Trainer:
         self.stats = StepStats(layout)
         self.forward_step = make_forward_step(cfg, layout, device, fp)
         self.nan_forward_step = make_forward_step(cfg, layout, device, fp, inject_nan=True)
-        self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        from megatron.core import parallel_state as ps
+
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.rank0 = dist.get_rank() == 0
         self.step = 0
         self.skipped_steps = 0
 
     # --- one step ---------------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[dict], inject_nan: bool = False) -> dict:
-        """One optimizer step over this rank's micro-batches of a global batch. Returns the step's
+        """One optimizer step over this rank's share of a global batch. Returns the step's
         losses (reduced over every rank), the LR it used, the grad norm, `skipped` (True when a
-        non-finite loss or gradient left the weights unchanged) and its timing: fwd_bwd_s (megatron's schedule, gradient
+        non-finite loss or gradient left the weights unchanged), `param_norm` (the weights' norm after
+        the step), `update_finite` (False when the update itself made a weight non-finite) and its
+        timing: fwd_bwd_s (megatron's schedule, gradient
         reduction included), optimizer_s, step_s."""
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.grad_sync_s = 0.0
         synchronize(self.device)
         t0 = time.perf_counter()
+        slow = self.cfg.train.debug_slow_rank
+        if slow and dist.get_rank() == int(slow[0]):  # fault injection: a straggler
+            time.sleep(slow[1])
         outputs = self._run(micro_batches, self.nan_forward_step if inject_nan else self.forward_step, False)
         synchronize(self.device)
         t1 = time.perf_counter()
@@ -112,10 +163,14 @@ class Trainer:
         else:
             self.skipped_steps += 1
         row["skipped"] = not finite
+        row["param_norm"] = param_norm(self.chunks)
+        row["update_finite"] = math.isfinite(row["param_norm"])  # a finite gradient can still make a NaN update
         synchronize(self.device)
         t2 = time.perf_counter()
         self.step += 1
         row.update(fwd_bwd_s=t1 - t0, optimizer_s=t2 - t1, step_s=t2 - t0)
+        if self.time_grad_sync:
+            row["grad_sync_s"] = self.grad_sync_s
         return row
 
     def evaluate(self, batches, count: int) -> float:
@@ -125,8 +180,7 @@ class Trainer:
         total = None
         with torch.no_grad():
             for _ in range(count):
-                micro = [next(batches) for _ in range(self.num_micro)]
-                s = self.stats.reduce(self._run(micro, self.forward_step, True), self.device)
+                s = self.stats.reduce(self._run(next(batches), self.forward_step, True), self.device)
                 total = s if total is None else total + s
         for c in self.chunks:
             c.train()
@@ -157,6 +211,16 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
         )
+
+    def _finalize_grads(self, *args, **kwargs):
+        if not self.time_grad_sync or self.fast_paths.cuda_graph != "none":
+            return finalize_grads(*args, **kwargs)
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        out = finalize_grads(*args, **kwargs)
+        synchronize(self.device)
+        self.grad_sync_s += time.perf_counter() - t0
+        return out
 
     # --- what a checkpoint keeps besides the sharded model and optimizer -------------------------
 
@@ -270,6 +334,21 @@ def make_forward_step(cfg: SodaConfig, layout, device: str, fp: FastPaths | None
         return output, loss_func
 
     return forward_step
+
+
+def param_norm(chunks) -> float:
+    """The L2 norm of the whole model's weights: each tensor-parallel shard once, weights that every
+    TP rank holds (norms) once, summed over TP and PP (DP ranks hold copies). One multi-tensor norm
+    per step; not finite exactly when some weight is not."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    params = [p for c in chunks for p in c.parameters() if param_is_not_tensor_parallel_duplicate(p)]
+    sq = torch.zeros(1, dtype=torch.float64, device=next(chunks[0].parameters()).device)
+    if params:
+        sq += torch.stack(torch._foreach_norm(params)).double().square().sum()
+    dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    return float(sq.sqrt().item())
 
 
 def grads_finite(chunks) -> bool:

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 import megatron_soda  # noqa: F401  (Triton interpreter switch before Triton is imported)
 from megatron_soda.tools.bench import write_json
+
+if TYPE_CHECKING:
+    import torch
 
 SODA_VOCAB = 144_644
 
 
 def _timeit(fn, reps: int, cuda: bool) -> tuple[float, float]:
+    import torch
+
     fn()  # warm-up / compile
     if cuda:
         torch.cuda.synchronize()
@@ -43,25 +46,23 @@ def _timeit(fn, reps: int, cuda: bool) -> tuple[float, float]:
     return dt, peak
 
 
-def _megatron_session():
-    import os
-
+def _megatron_session() -> None:
+    """A one-process group (megatron's layers need one), set up as every run's is."""
+    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        if not torch.cuda.is_available():
-            from megatron_soda.parallel import cpu_backend
+    from megatron_soda.parallel.setup import init_distributed
 
-            cpu_backend.enable()
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    if not dist.is_initialized():
+        init_distributed("cuda" if torch.cuda.is_available() else "cpu")
         ps.initialize_model_parallel(1, 1)
 
 
 def _with_main_grad(w: torch.Tensor) -> torch.Tensor:
     """Give a weight megatron DDP's fp32 gradient buffer and flag."""
+    import torch
+
     w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     w.grad_added_to_main_grad = False
     return w
@@ -77,6 +78,8 @@ def _ddp_hook(*weights: torch.Tensor) -> None:
 
 
 def bench_embedding(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype) -> dict:
+    import torch
+    import torch.nn.functional as F
     from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -119,6 +122,8 @@ def bench_embedding(hidden: int, tokens: int, vocab: int, reps: int, dev: str, d
 
 
 def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, chunk: int) -> dict:
+    import torch
+    import torch.nn.functional as F
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
@@ -174,6 +179,8 @@ def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, c
 
 def bench_rmsnorm(hidden: int, rows: int, reps: int, dev: str, dtype) -> dict:
     """One norm over [rows, hidden], forward + backward (weight gradient reduced over the rows)."""
+    import torch
+
     from megatron_soda.kernels.rmsnorm import rms_norm
 
     cuda = dev.startswith("cuda")
@@ -199,6 +206,7 @@ def bench_rmsnorm(hidden: int, rows: int, reps: int, dev: str, dtype) -> dict:
 
 def bench_rope(seq: int, heads: int, head_dim: int, reps: int, dev: str, dtype) -> dict:
     """Rotary embedding of a query tensor [seq, 1, heads, head_dim], forward + backward."""
+    import torch
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
     from megatron_soda.kernels.rope import fused_apply_rotary_pos_emb
@@ -230,6 +238,8 @@ def _print(title: str, rows: dict, cuda: bool) -> list[dict]:
 def run(
     hiddens: list[int], tokens: list[int], tp: int, reps: int, vocab: int | None = None, norm_rope: bool = True
 ) -> list[dict]:
+    import torch
+
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32

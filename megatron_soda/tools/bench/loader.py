@@ -12,18 +12,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from megatron_soda.config import DataConfig
-from megatron_soda.data.loader import SodaDataLoader
-from megatron_soda.data.mixture import MixtureDataset
-from megatron_soda.tokenization.shard_format import index_entry, write_index
-from megatron_soda.tokenization.shards import write_shard
-from megatron_soda.tokenization.vocab import LLAMA3_LAYOUT
 from megatron_soda.tools.bench import write_json
 
 
 def synthetic_shards(out: Path, num_shards: int = 8, samples_per_shard: int = 256, seq_len: int = 4096) -> Path:
+    import numpy as np
+
+    from megatron_soda.tokenization.shard_format import index_entry, write_index
+    from megatron_soda.tokenization.shards import write_shard
+    from megatron_soda.tokenization.vocab import LLAMA3_LAYOUT
+
     layout = LLAMA3_LAYOUT
     rng = np.random.default_rng(0)
     records = []
@@ -40,13 +39,16 @@ def synthetic_shards(out: Path, num_shards: int = 8, samples_per_shard: int = 25
 
 
 def measure(paths: list[str], workers: int, micro_batch: int, seconds: float, verify: bool = True) -> tuple[float, int]:
+    from megatron_soda.data.loader import SodaDataLoader
+    from megatron_soda.data.mixture import MixtureDataset
+
     ds = MixtureDataset(DataConfig(paths=paths, num_workers=workers, verify_checksums=verify))
     loader = SodaDataLoader(ds, micro_batch_size=micro_batch, global_batch_size=micro_batch)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     t0, tokens = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
-        batch = next(it)
+        (batch,) = next(it)  # a step's work: one micro-batch here (global batch = micro batch)
         tokens += batch["tokens"].numel()
     return tokens / (time.perf_counter() - t0), ds.seq_len
 

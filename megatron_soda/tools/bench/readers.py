@@ -18,10 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from megatron_soda.tokenization.readers import RECORD_SUFFIXES, read_records
 from megatron_soda.tools.bench import write_json
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WORDS = "the a of speech model audio token text codec frame sound voice data train scale open".split()
 
@@ -41,28 +44,38 @@ def _soda_document(rng: np.random.Generator, layout, seconds: float, utterance_s
     return "".join(parts) + "<|end_of_text|>"
 
 
-def _write(records: list[dict], path: Path) -> None:
-    name = path.name
-    if name.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(records), path)
-        return
+def _write_jsonl(records: list[dict], path: Path) -> None:
     raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    if name.endswith(".gz"):
+    if path.name.endswith(".gz"):
         raw = gzip.compress(raw)
-    elif name.endswith(".zst"):
+    elif path.name.endswith(".zst"):
         import zstandard
 
         raw = zstandard.ZstdCompressor().compress(raw)
     path.write_bytes(raw)
 
 
+def _write_parquet(records: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
+
+
+def _write_arrow(records: list[dict], path: Path) -> None:
+    """An Arrow IPC stream, as `datasets.save_to_disk` writes its shards."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(records)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
 def _audio_records(rng: np.random.Generator, n: int, seconds: float, fmt: str) -> list[dict]:
     """Emilia-like utterances: `seconds` of noisy tones at 24 kHz as FLAC or MP3 bytes + transcript."""
     import io
 
+    import numpy as np
     import soundfile as sf
 
     rate = 24_000
@@ -79,36 +92,44 @@ def _audio_records(rng: np.random.Generator, n: int, seconds: float, fmt: str) -
 
 
 def _write_tar(records: list[dict], path: Path) -> None:
+    """One WebDataset sample per record: its fields as the json member, its audio (if any) beside it."""
     import io
     import tarfile
 
     with tarfile.open(path, "w") as tf:
-        for r in records:
-            members = [(f"{r['id']}.json", json.dumps({"id": r["id"], "text": r["text"]}).encode())]
-            members.append((r["audio"]["path"], r["audio"]["bytes"]))
+        for i, r in enumerate(records):
+            key = r.get("id", f"{i:08d}")
+            fields = {k: v for k, v in r.items() if k != "audio"} | {"id": key}
+            members = [(f"{key}.json", json.dumps(fields, ensure_ascii=False).encode())]
+            if "audio" in r:
+                members.append((r["audio"]["path"], r["audio"]["bytes"]))
             for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
 
 
+# a writer for every suffix of the reader registry (tokenization/readers.py), so every format is timed
+WRITERS = {
+    ".jsonl": _write_jsonl,
+    ".jsonl.gz": _write_jsonl,
+    ".jsonl.zst": _write_jsonl,
+    ".parquet": _write_parquet,
+    ".arrow": _write_arrow,
+    ".tar": _write_tar,
+}
+
+
 def _audio_rows(rng: np.random.Generator, utterances: int, seconds: float, reps: int, tmp: Path) -> list[dict]:
     """Audio archives: records/s read, and audio-hours/s read + decoded + resampled for Mimi."""
     from megatron_soda.tokenization.audio_io import load_audio
     from megatron_soda.tokenization.inputs import record_entries
-    from megatron_soda.tokenization.readers import read_records
 
     rows = []
     for fmt, container in (("flac", ".tar"), ("mp3", ".tar"), ("flac", ".parquet")):
         recs = _audio_records(rng, utterances, seconds, fmt)
         path = tmp / f"audio-{fmt}{container}"
-        if container == ".tar":
-            _write_tar(recs, path)
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(recs), path)
+        WRITERS[container](recs, path)
 
         def decode(p=path) -> None:
             for n, rec in read_records(p):
@@ -135,8 +156,9 @@ def _audio_rows(rng: np.random.Generator, utterances: int, seconds: float, reps:
 
 
 def run(records: int, doc_seconds: float, reps: int) -> list[dict]:
+    import numpy as np
+
     from megatron_soda.tokenization.prepare import _tokenize
-    from megatron_soda.tokenization.readers import read_records
     from megatron_soda.tokenization.text_tokenizer import extend_tokenizer, train_tiny_bpe
 
     rng = np.random.default_rng(0)
@@ -150,9 +172,9 @@ def run(records: int, doc_seconds: float, reps: int) -> list[dict]:
     print(f"{'corpus':>6} {'format':>11} {'MB':>8} {'records/s':>12} {'MB/s':>8} {'audio-h/s':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         for corpus, recs in corpora.items():
-            for fmt in (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"):
+            for fmt in RECORD_SUFFIXES:  # every format soda prepare reads
                 path = Path(tmp) / f"{corpus}{fmt}"
-                _write(recs, path)
+                WRITERS[fmt](recs, path)
                 mb = sum(len(r["text"].encode()) for r in recs) / 1e6
                 best = min(_timed(lambda p=path: sum(1 for _ in read_records(p))) for _ in range(reps))
                 row = {"corpus": corpus, "format": fmt, "records": len(recs), "mb": mb, "seconds": best}

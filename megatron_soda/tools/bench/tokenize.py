@@ -11,9 +11,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
 from megatron_soda.tokenization.codec import MIMI_HF_NAME, MimiCodec
 from megatron_soda.tools.bench import write_json
 
@@ -26,6 +23,9 @@ def run(
     reps: int = 3,
     audio: str | None = None,
 ) -> list[dict]:
+    import numpy as np
+    import torch
+
     c = MimiCodec.load(codec, device=device)
     if audio:
         from megatron_soda.tokenization.audio_io import load_audio
@@ -84,6 +84,8 @@ class TokenizeBenchConfig:
 
 def bench_job(cfg: TokenizeBenchConfig) -> list[dict]:
     """`soda bench tokenize`: Mimi encoding throughput (audio-seconds per wall-second), batched."""
+    import torch
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     rows = run(cfg.codec, device, cfg.batch, cfg.seconds, cfg.reps, cfg.audio)
     write_json(rows, cfg.json)

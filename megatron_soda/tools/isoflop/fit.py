@@ -8,10 +8,13 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from megatron_soda.config import UserError
 from megatron_soda.tools.isoflop.plan import CONVENTIONS
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -26,6 +29,8 @@ class BudgetFit:
 
 
 def read_csv(path: str | Path) -> list[dict]:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such runs.csv (`soda isoflop run` writes one)")
     rows = []
     with open(path) as f:
         for i, r in enumerate(csv.DictReader(f), 2):
@@ -33,7 +38,7 @@ def read_csv(path: str | Path) -> list[dict]:
                 rows.append({k: float(r[k]) for k in ("compute", "params", "tokens", "loss")})
                 rows[-1]["flops"] = r.get("flops") or "paper"
             except (KeyError, ValueError, TypeError):
-                raise ValueError(f"{path}:{i}: expected numeric columns compute, params, tokens, loss") from None
+                raise UserError(f"{path}:{i}: expected numeric columns compute, params, tokens, loss") from None
     return rows
 
 
@@ -45,6 +50,8 @@ def _convention(rows: list[dict]) -> str:
 
 
 def fit_budget(c: float, n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> BudgetFit:
+    import numpy as np
+
     x = np.log(n)
     a, b, c0 = np.polyfit(x, loss, 2)
     if a <= 0:
@@ -60,12 +67,15 @@ def fit_budget(c: float, n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> Budg
 
 
 def _power_law(c: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    import numpy as np
+
     a, logk = np.polyfit(np.log(c), np.log(y), 1)
     return float(a), float(math.exp(logk))
 
 
 def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict:
     """L = E + A/N^alpha + B/D^beta, least squares over a few starts (scipy)."""
+    import numpy as np
     from scipy.optimize import least_squares
 
     def resid(p):
@@ -92,6 +102,8 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict:
 
 
 def fit(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
+    import numpy as np
+
     budgets = sorted({r["compute"] for r in rows})
     per, flagged = [], []
     for c in budgets:
@@ -105,7 +117,7 @@ def fit(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             flagged.append({"compute": c, "reason": "minimum at or beyond the edge of the grid: widen the grid"})
     good = [b for b in per if not b.edge]
     if len(good) < 2:
-        raise ValueError(
+        raise UserError(
             f"need >= 2 budgets with an interior minimum to fit power laws, have {len(good)}; flagged: {flagged}"
         )
     cs = np.array([b.compute for b in good])

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_soda.config import UserError
+from megatron_soda.config import UserError, load_config, validate
 from megatron_soda.launch.slurm import SlurmJob, render_train, submit
 from megatron_soda.tools.isoflop.fit import fit, predict, read_csv
 from megatron_soda.tools.isoflop.plot import plot
@@ -27,23 +27,21 @@ def write_fit(rows: list[dict], out: Path, bootstrap: int = 200) -> dict:
 RUNS_COLUMNS = ["compute", "params", "non_embedding_params", "tokens", "loss", "name", "width", "flops"]
 
 
-def _flatten(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out += [f"--{prefix}{k}", json.dumps(v)]
+def merge(base: dict, extra: dict) -> dict:
+    """Nested overrides: `extra`'s keys win, section by section."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def run_overrides(plan_dir: Path, row: dict) -> list[str]:
-    """The `soda train` flags of one planned run on top of the base config (what `soda isoflop run`
-    and the SLURM array both pass)."""
+def run_overrides(plan_dir: Path, row: dict) -> dict:
+    """The run-config overrides of one planned run on top of the base config (what `soda isoflop
+    run` and the SLURM array both apply): its YAML from the plan, validated at its last step."""
     import yaml
 
-    overrides = _flatten(yaml.safe_load((plan_dir / f"{row['name']}.yaml").read_text()))
-    return [*overrides, "--train.eval_interval", str(row["steps"])]
+    planned = yaml.safe_load((plan_dir / f"{row['name']}.yaml").read_text()) or {}
+    return merge(planned, {"train": {"eval_interval": int(row["steps"])}})
 
 
 def read_plan(plan_dir: Path) -> list[dict]:
@@ -53,7 +51,7 @@ def read_plan(plan_dir: Path) -> list[dict]:
     return list(csv.DictReader(open(path)))
 
 
-def run_grid(plan_dir: Path, base_config: str, out: Path, nproc: int, extra: list[str], task: int = -1) -> Path:
+def run_grid(plan_dir: Path, base_config: str, out: Path, nproc: int, extra: dict, task: int = -1) -> Path:
     """Train every planned run (or only plan row `task`, one SLURM array task's share) that has not
     finished (resumable), then write runs.csv from every finished run. Each run's output goes to its
     run directory's train.log, which a failure names."""
@@ -68,8 +66,10 @@ def run_grid(plan_dir: Path, base_config: str, out: Path, nproc: int, extra: lis
         if _final_val_loss(run_dir, steps) is not None:
             continue
         log_file = run_dir / "train.log"
-        args = ["--config", base_config, "--run-dir", str(run_dir), *run_overrides(plan_dir, r), *extra]
-        code = spawn.train(nproc, args, log_file=log_file)
+        cfg = load_config(base_config, merge(run_overrides(plan_dir, r), extra))
+        cfg.run_dir = str(run_dir)
+        validate(cfg, spawn.world_size(nproc))
+        code = spawn.start(cfg, nproc, log_file=log_file)
         if code != 0:
             raise UserError(f"run {r['name']} failed (exit {code}); its output: {log_file}")
         if _final_val_loss(run_dir, steps) is None:
@@ -127,9 +127,9 @@ class RunConfig:
     gather: bool = field(default=False, metadata={"help": "only write runs.csv from the finished runs"})
 
 
-def run_job(cfg: RunConfig, extra: list[str]) -> Path:
-    """`soda isoflop run`: train the planned grid (resumable) and write runs.csv; extra
-    --section.key value flags go to every run."""
+def run_job(cfg: RunConfig, extra: dict) -> Path:
+    """`soda isoflop run`: train the planned grid (resumable) and write runs.csv; --section.key
+    flags go to every run."""
     if cfg.gather:
         path = gather(Path(cfg.plan), Path(cfg.out))
     else:
@@ -145,13 +145,13 @@ class IsoflopArray(SlurmJob):
     plan: str = field(default="", metadata={"help": "the directory `soda isoflop plan` wrote"})
 
 
-def launch_array_job(job: IsoflopArray, extra: list[str]) -> None:
+def launch_array_job(job: IsoflopArray, extra: dict) -> None:
     """`soda launch isoflop`: sbatch the planned grid as a job array, one preemption-safe run per task
     (a requeued task resumes its run); each finished task rewrites runs.csv from every finished run."""
     if not job.plan:
         raise UserError("--plan: the directory `soda isoflop plan` wrote")
     plan_dir, out = Path(job.plan), Path(job.run_dir)
-    job.overrides = list(extra)
+    job.overrides = extra
     array = [(str(out / "runs" / r["name"]), run_overrides(plan_dir, r)) for r in read_plan(plan_dir)]
     after = ["isoflop", "run", "--plan", job.plan, "--base-config", job.config, "--out", job.run_dir, "--gather"]
     script = render_train(job, array, after)
