@@ -112,8 +112,10 @@ audio = model.generate(ids, max_new_tokens=800, do_sample=True, temperature=0.9,
 """
 
 
-def verify(model, out: Path, vocab: int, tolerance: float, seed: int | None = None) -> dict:
-    """Megatron vs transformers on fresh random sequences: max |logit diff| and a greedy continuation."""
+def verify(model, out: Path, vocab: int, tolerance: float, seed: int | None = None, long_positions: int = 0) -> dict:
+    """Megatron vs transformers on fresh random sequences: max |logit diff| and a greedy continuation;
+    with `long_positions`, also over one sequence that long (RoPE at long positions: where a wrong
+    scaling or base shows, which 48 tokens never reach)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -128,6 +130,12 @@ def verify(model, out: Path, vocab: int, tolerance: float, seed: int | None = No
         ours = model(tokens, pos, None)[..., :vocab].float()
         theirs = hf(tokens).logits.float()
         diff = float((ours - theirs).abs().max())
+        long_diff = None
+        if long_positions:
+            long = torch.randint(0, vocab, (1, long_positions), generator=g)
+            pos = torch.arange(long_positions).unsqueeze(0)
+            long_diff = float((model(long, pos, None)[..., :vocab].float() - hf(long).logits.float()).abs().max())
+            diff = max(diff, long_diff)
         prompt = tokens[:1, :8]
         seq = prompt
         for _ in range(20):
@@ -138,6 +146,8 @@ def verify(model, out: Path, vocab: int, tolerance: float, seed: int | None = No
     report = {
         "seed": seed,
         "max_abs_logit_diff": diff,
+        "long_positions": long_positions,
+        "max_abs_logit_diff_long": long_diff,
         "logit_scale": float(theirs.abs().max()),
         "tolerance": tolerance,
         "greedy_ours": seq[0, 8:].tolist(),
@@ -230,6 +240,7 @@ def export_hf(
     do_verify: bool = False,
     max_shard_gb: float = 5.0,
     force: bool = False,
+    verify_positions: int = 4160,
 ) -> dict:
     if not Path(checkpoint).exists():
         raise UserError(f"{checkpoint} is not a megatron-core distributed checkpoint (no such path)")
@@ -278,7 +289,7 @@ def export_hf(
             write_safetensors(tensors, tmp, int(max_shard_gb * 2**30))
             bos = tok.bos_token_id if tok is not None else None
             eos = tok.eos_token_id if tok is not None else None
-            config = hf_config(m, bos, eos)
+            config = hf_config(m, bos, eos, cfg.train.seq_length)
             config.dtype = "float32" if dtype == "fp32" else "bfloat16"
             config.save_pretrained(str(tmp))
             GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(str(tmp))
@@ -293,7 +304,8 @@ def export_hf(
                 "tokenizer": str(tok_dir) if tok_dir else None,
             }
             if do_verify:
-                report["verify"] = verify(model, tmp, m.vocab_size, 1e-4 if dtype == "fp32" else 5e-1)
+                tol = 1e-4 if dtype == "fp32" else 5e-1
+                report["verify"] = verify(model, tmp, m.vocab_size, tol, long_positions=verify_positions)
             with stop.deferred(f"the export to {out_dir} was complete"):  # else neither old nor new
                 if out_dir.exists():
                     shutil.rmtree(out_dir)
@@ -366,13 +378,18 @@ class ExportConfig:
     )
     dtype: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
     verify: bool = field(default=False, metadata={"help": "compare logits and greedy output with transformers"})
+    verify_positions: int = field(
+        default=4160, metadata={"help": "--verify also compares one sequence this long (positions past 4,096; 0: not)"}
+    )
     max_shard_gb: float = 5.0
     force: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
 
 
 def export_job(cfg: ExportConfig) -> dict:
     """`soda export-hf`: a megatron checkpoint (any layout) -> a Hugging Face Qwen3 folder."""
-    report = export_hf(cfg.checkpoint, cfg.out, cfg.tokenizer, cfg.dtype, cfg.verify, cfg.max_shard_gb, cfg.force)
+    report = export_hf(
+        cfg.checkpoint, cfg.out, cfg.tokenizer, cfg.dtype, cfg.verify, cfg.max_shard_gb, cfg.force, cfg.verify_positions
+    )
     print(
         f"exported {report['checkpoint']} (step {report['step']}) -> {cfg.out}"
         + ("" if report["tokenizer"] else " (no tokenizer found: pass --tokenizer)")
@@ -381,7 +398,9 @@ def export_job(cfg: ExportConfig) -> dict:
         v = report["verify"]
         print(
             f"verify: max |logit diff| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:g}, logits up to "
-            f"{v['logit_scale']:.2f}), greedy 20 tokens identical: {v['greedy_identical']}"
+            f"{v['logit_scale']:.2f}"
+            + (f"; positions up to {v['long_positions']}" if v["long_positions"] else "")
+            + f"), greedy 20 tokens identical: {v['greedy_identical']}"
         )
         Path(cfg.out, "export_verify.json").write_text(json.dumps(v, indent=1))
         if not v["ok"]:

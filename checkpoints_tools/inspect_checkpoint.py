@@ -16,9 +16,11 @@ def inspect_checkpoint(path: str, show_tensors: int = 40) -> dict:
     cfg = config_from_dict(common["config"]) if "config" in common else None
     meta = dist_checkpointing.load_tensors_metadata(str(src))
     tensors = {k: v for k, v in meta.items() if hasattr(v, "global_shape") and not k.startswith("optimizer")}
-    pp, tp, dp = common.get("layout", (None, None, None))
+    layout = tuple(common.get("layout", (None, None, None)))
+    pp, tp, cp, dp = (*layout[:2], 1, layout[2]) if len(layout) == 3 else layout
+    cp_part = f" x CP {cp}" if cp and cp > 1 else ""
     print(f"checkpoint {src}")
-    print(f"  step {common.get('step', 0)}, saved at TP {tp} x PP {pp} x DP {dp} (loads under any layout)")
+    print(f"  step {common.get('step', 0)}, saved at TP {tp} x PP {pp}{cp_part} x DP {dp} (loads under any layout)")
     if cfg is not None:
         m = cfg.model
         seen = int(common.get("data", {}).get("consumed_samples", 0)) * cfg.train.seq_length

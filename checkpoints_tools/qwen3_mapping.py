@@ -32,7 +32,9 @@ class MappingError(UserError, ValueError):
     """A Hugging Face model this converter cannot reproduce in the SODA layout."""
 
 
-def hf_config(m: ModelConfig, bos_id: int | None, eos_id: int | None):
+def hf_config(m: ModelConfig, bos_id: int | None, eos_id: int | None, max_positions: int = 32768):
+    """The transformers Qwen3 config of our model; `max_positions`: the longest sequence it trained on
+    (transformers reads max_position_embeddings as the context the model is meant for)."""
     from transformers import Qwen3Config
 
     rope = {"rope_type": "default", "rope_theta": float(m.rope_theta)}
@@ -52,7 +54,8 @@ def hf_config(m: ModelConfig, bos_id: int | None, eos_id: int | None):
         num_key_value_heads=m.num_query_groups,
         head_dim=m.head_dim,
         hidden_act="silu",
-        max_position_embeddings=32768,  # above the RoPE scaling's original 8192, as transformers expects
+        # above the RoPE scaling's original 8192, as transformers expects, and the trained context
+        max_position_embeddings=max(32768, max_positions),
         initializer_range=m.init_std,
         rms_norm_eps=m.norm_eps,
         tie_word_embeddings=m.tie_embeddings,

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_soda  # noqa: F401  (Triton interpreter switch before Triton is imported)
+from megatron_soda.kernels import fp8
 from megatron_soda.kernels.codec_embedding import fused_embedding
 from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
 from megatron_soda.kernels.grad_accum import add_wgrad_, wgrad_path
@@ -26,8 +27,53 @@ from megatron_soda.kernels.rmsnorm import rms_norm
 from megatron_soda.kernels.rope import fused_apply_rotary_pos_emb
 from megatron_soda.parallel.setup import init_distributed
 
-TOL_FP32 = {"embedding": 0.0, "nll": 2e-5, "grad": 2e-5}
-TOL_BF16 = {"embedding": 0.0, "nll": 5e-2, "grad": 5e-2}
+TOL_FP32 = {"embedding": 0.0, "nll": 2e-5, "grad": 2e-5, "fp8": 2e-5}
+TOL_BF16 = {"embedding": 0.0, "nll": 5e-2, "grad": 5e-2, "fp8": 2e-2}  # fp8: relative to the largest value
+
+
+NORMS = ("rmsnorm", "rmsnorm_rows", "qk_norm", "qk_norm128")
+FP8_KEYS = ("fp8_col_fwd", "fp8_col_dx", "fp8_col_dw", "fp8_row_fwd", "fp8_row_dx", "fp8_row_dw", "fp8_gemm")
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30))
+
+
+def _fp8_tp(g: torch.Generator, dev: str, dtype: torch.dtype, rank: int, tp: int) -> dict:
+    """Largest errors (relative to the largest reference value) of this rank's FP8 linear shards."""
+    s, b, k, n = 16 * tp, 2, 64, 32 * tp
+    x = torch.randn(s, b, k, generator=g).to(dtype).to(dev)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).to(dev)
+    dy = (torch.randn(s, b, n, generator=g) * 1e-2).to(dtype).to(dev)
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    yr = fp8.fp8_linear(xr, wr)  # the unsharded reference, on this device's GEMM
+    yr.backward(dy)
+    res = {}
+    group = dist.group.WORLD
+    rows, cols = slice(rank * s // tp, (rank + 1) * s // tp), slice(rank * n // tp, (rank + 1) * n // tp)
+    xc, wc = x[rows].clone().requires_grad_(True), w[cols].clone().requires_grad_(True)
+    yc = fp8.fp8_linear(xc, wc, parallel="column", group=group, sequence_parallel=True)
+    yc.backward(dy[:, :, cols])
+    res["fp8_col_fwd"] = _rel(yc, yr.detach()[:, :, cols])
+    res["fp8_col_dx"] = _rel(xc.grad, xr.grad[rows])
+    res["fp8_col_dw"] = _rel(wc.grad, wr.grad[cols])
+    feats = slice(rank * k // tp, (rank + 1) * k // tp)
+    xs, ws = x[:, :, feats].clone().requires_grad_(True), w[:, feats].clone().requires_grad_(True)
+    part = fp8.fp8_linear(xs, ws, parallel="row", group=group)
+    total = part.detach().float().clone()
+    dist.all_reduce(total)
+    part.backward(dy)
+    res["fp8_row_fwd"] = _rel(total, yr.detach())
+    res["fp8_row_dx"] = _rel(xs.grad, xr.grad[:, :, feats])
+    res["fp8_row_dw"] = _rel(ws.grad, wr.grad[:, feats])
+    pair = []
+    for emulate in (True, False):  # the fp32 products of the dequantised operands; torch._scaled_mm here
+        xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ye = fp8.fp8_linear(xe, we, emulate=emulate)
+        ye.backward(dy)
+        pair.append((ye.detach(), xe.grad, we.grad))
+    res["fp8_gemm"] = max(_rel(a, b) for a, b in zip(*pair, strict=True))
+    return res
 
 
 def main() -> int:
@@ -135,8 +181,10 @@ def main() -> int:
     out["wgrad_accum"] = float((acc - want).abs().max() / want.abs().max())
     out["wgrad_path"] = wgrad_path(torch.device(dev).type, dtype) or "same dtype (addmm_)"
 
-    # 5. RMSNorm (hidden and per-head shapes) and RoPE (on a strided view, as megatron's q/k are)
-    for name, shape in (("rmsnorm", (33, 2, 96)), ("qk_norm", (17, 2, 4, 64))):
+    # 5. RMSNorm (hidden and per-head shapes; enough rows that each backward program of a GPU reduces
+    # several row blocks into its partial d(weight)) and RoPE (on a strided view, as megatron's q/k are)
+    norms = (("rmsnorm", (33, 2, 96)), ("rmsnorm_rows", (2176, 4, 512)), ("qk_norm", (17, 2, 4, 64)))
+    for name, shape in (*norms, ("qk_norm128", (9, 2, 4, 128))):
         x = torch.randn(*shape, generator=g).to(dtype).to(dev).requires_grad_(True)
         wn = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype).to(dev).requires_grad_(True)
         gy = torch.randn(*shape, generator=g).to(dtype).to(dev)
@@ -163,7 +211,13 @@ def main() -> int:
     )
     out["rope_bwd"] = float((qkv.grad[..., 64:128].float() - qr.grad).abs().max())
 
-    # 6. multi-tensor norm / scale (grad clipping): equal megatron's per-tensor fallback
+    # 6. FP8 linears (model.fp8 tensorwise) split over TP as megatron's are: column-parallel with
+    # sequence parallelism (input gathered, d(input) reduce-scattered) and row-parallel (outputs
+    # summed), the amax of split operands reduced over TP: equal to the unsharded FP8 linear. Then
+    # this device's GEMM (torch._scaled_mm: cuBLAS on a GPU) against the fp32 emulation.
+    out.update(_fp8_tp(g, dev, dtype, rank, tp))
+
+    # 7. multi-tensor norm / scale (grad clipping): equal megatron's per-tensor fallback
     ts = [torch.randn(n_, generator=g).to(dev) for n_ in (5, 300, 77)]
     flag = torch.zeros(1, dtype=torch.int, device=dev)
     norm, _ = multi_tensor_l2norm(0, flag, [ts], False)
@@ -186,8 +240,9 @@ def main() -> int:
         and out["ce_main_grad"] <= 3 * tol["grad"]
         and out["embedding_main_grad"] <= tol["grad"]
         and out["wgrad_accum"] <= (1e-2 if a.bf16 else 1e-6)
-        and max(out["rmsnorm_fwd"], out["qk_norm_fwd"]) <= tol["nll"]
-        and max(out["rmsnorm_dx"], out["qk_norm_dx"], out["rmsnorm_dw"], out["qk_norm_dw"]) <= tol["grad"]
+        and max(out[f"{k}_fwd"] for k in NORMS) <= tol["nll"]
+        and max(max(out[f"{k}_dx"], out[f"{k}_dw"]) for k in NORMS) <= tol["grad"]
+        and max(out[k] for k in FP8_KEYS) <= tol["fp8"]
         and max(out["rope_fwd"], out["rope_bwd"]) <= tol["nll"]
         and out["l2norm_rel"] <= 1e-6
         and out["scale"] == 0.0

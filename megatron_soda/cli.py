@@ -26,7 +26,7 @@ class Command:
     config: str  # "module:Class": its fields are the options; the module must be light to import
     job: str  # "module:function", called with the config (and the overrides / the rest, below)
     run_config: bool = False  # takes --section.key overrides of a run config: job(config, overrides)
-    sections: tuple[str, ...] = ("model", "parallel", "optim", "train", "data", "checkpoint")
+    sections: tuple[str, ...] = ("model", "parallel", "optim", "train", "data", "checkpoint", "eval")
     run_dir: bool = False  # --run-dir is a run-config override (else the command's own option, if any)
     withheld: str = ""  # why a run-config section left out of `sections` cannot be set here
     passthrough: bool = False  # unparsed flags go to the job: job(config, rest)
@@ -45,7 +45,7 @@ COMMANDS: dict = {
         "megatron_soda.training.finetune:FinetuneCommand",
         "megatron_soda.training.finetune:finetune_job",
         run_config=True,
-        sections=("parallel", "optim", "train", "data", "checkpoint"),
+        sections=("parallel", "optim", "train", "data", "checkpoint", "eval"),
         run_dir=True,
         withheld="--model.* cannot change in a fine-tune: the architecture is the pretrained checkpoint's",
     ),
@@ -107,6 +107,11 @@ COMMANDS: dict = {
             "megatron_soda.tools.bench.report:ReportConfig",
             "megatron_soda.tools.bench.report:report_job",
         ),
+        "generate": Command(
+            "generation tokens/s at batch 1 and 64 (transformers' Qwen3 with a KV cache, bf16 on GPU)",
+            "megatron_soda.tools.bench.generate:GenerateBenchConfig",
+            "megatron_soda.tools.bench.generate:bench_job",
+        ),
         "startup": Command(
             "how long soda takes to answer --help and a refusal (median wall seconds, fresh processes)",
             "megatron_soda.tools.bench.startup:StartupBenchConfig",
@@ -118,6 +123,12 @@ COMMANDS: dict = {
             "megatron_soda.tools.bench.tokenize:bench_job",
         ),
     },
+    "plan": Command(
+        "which parallel layouts fit a preset on N GPUs and how fast: predicted memory, step time, MFU",
+        "megatron_soda.tools.plan:PlanConfig",
+        "megatron_soda.tools.plan:plan_job",
+        run_config=True,
+    ),
     "plot": Command(
         "loss curves of a training run as a PNG",
         "megatron_soda.tools.plots:PlotConfig",

@@ -86,10 +86,21 @@ Device = Literal["auto", "cuda", "cpu"]
 
 
 @dataclass
+class MixtureStage:
+    """One stage of a staged mixture: `weights` (one per data.paths entry) until step `until_step`."""
+
+    until_step: int = opt(0, "the stage ends after this step")
+    weights: list[float] = opt([], "sampling weight per data.paths entry")
+
+
+@dataclass
 class DataConfig:
     paths: list[str] = opt([], "shard-set directories (outputs of `soda prepare`)")
     val_paths: list[str] = opt([], "held-out shard sets for the validation loss")
     weights: list[float] | None = opt(None, "sampling weight per path; default (said in the log): by size")
+    stages: list[MixtureStage] = opt(
+        [], "a staged mixture: [{until_step: N, weights: [...]}, ...] in order; after the last, its weights go on"
+    )
     names: list[str] = opt([], "the sources the paths stand for (presets: the paper's mixture)")
     seed: int = opt(1234, "seed of the mixture and the per-set shuffles")
     num_workers: int = opt(2, "DataLoader worker processes per rank")
@@ -97,6 +108,11 @@ class DataConfig:
     verify_checksums: bool = opt(True, "check each sample read against its CRC-32")
     max_corrupt_fraction: float = opt(0.01, "with skip_corrupt: stop when more of the data read so far is corrupt")
     blend_block: int = opt(4096, "mixture proportions are exact within every block of this many samples")
+    cache_dir: str = opt(
+        "", "local cache of shards read from s3:// / gs:// / hf:// (default: a folder in the temp dir)"
+    )
+    cache_gb: float = opt(20.0, "size of that cache; what the next steps need is never evicted")
+    prefetch_steps: int = opt(4, "steps of samples fetched ahead from object storage (the order is known in advance)")
 
 
 @dataclass
@@ -132,6 +148,9 @@ class ModelConfig:
     wgrad_impl: Literal["auto", "main_grad", "torch"] = opt(
         "auto", "weight gradients: main_grad accumulates the GEMM into megatron's fp32 main_grad"
     )
+    fp8: Literal["none", "tensorwise"] = opt(
+        "none", "tensorwise: QKV / projection / MLP matmuls in FP8 (e4m3 forward, e5m2 gradients), GPU, opt-in"
+    )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -143,6 +162,7 @@ class ParallelConfig:
     tp: int = opt(1, "tensor-parallel degree")
     pp: int = opt(1, "pipeline-parallel degree")
     vpp: int = opt(1, "model chunks per pipeline rank: > 1 selects interleaved 1F1B")
+    cp: int = opt(1, "context-parallel degree: each sequence split over this many ranks (long context)")
     sequence_parallel: bool = opt(False, "shard activations over TP between the tensor-parallel regions")
     distributed_optimizer: bool = opt(False, "ZeRO-1: optimizer state sharded over DP")
     overlap_grad_reduce: bool = opt(False, "overlap the DP gradient reduction with backward")
@@ -165,6 +185,7 @@ class OptimConfig:
     schedule: Literal["wsd", "cosine", "constant"] = opt("wsd", "LR schedule")
     warmup_fraction: float = opt(0.1)
     decay_fraction: float = opt(0.2, "wsd: linear decay to min_lr over the last fraction of steps")
+    decay_steps: int = opt(0, "wsd: decay over this many last steps instead (an anneal of a branch: its own steps)")
     z_loss: float = opt(1e-4)
     adam_impl: Literal["auto", "fused", "foreach"] = opt(
         "auto", "fused: one kernel, no per-tensor syncs; foreach: megatron's torch fallback"
@@ -185,6 +206,7 @@ class TrainConfig:
     log_interval: int = opt(1)
     eval_interval: int = opt(0, "steps between validations (0: none)")
     eval_batches: int = opt(4, "global batches per validation")
+    position_bucket: int = opt(4096, "the validation loss is also reported per range of this many token positions")
     exit_interval: int = opt(0, "save and exit after every this many steps (job-length limits; resume continues)")
     max_skipped_steps: int = opt(5, "consecutive non-finite steps before the run stops")
     hang_timeout_s: float = opt(
@@ -196,6 +218,7 @@ class TrainConfig:
     wandb_project: str = opt("", "log to W&B too when set and wandb is installed")
     debug_nan_steps: list[int] = opt([], "fault injection (1-based steps): a NaN loss there")
     debug_slow_rank: list[float] = opt([], "fault injection: [rank, seconds] that rank sleeps in every step")
+    comm_stats: bool = opt(False, "count the bytes each process group moves per step into RUN_DIR/comm/rank<R>.jsonl")
 
 
 @dataclass
@@ -204,7 +227,23 @@ class CheckpointConfig:
     keep_last: int = opt(3)
     async_save: bool = opt(False)
     init_from: str = opt("", "weights only, from a checkpoint of any layout (a fresh run starting from them)")
+    branch_from: str = opt(
+        "",
+        "a new run from another run's checkpoint (RUN or RUN/checkpoints/iter_N): weights, optimizer state, step",
+    )
+    hf_interval: int = opt(
+        0, "steps between Hugging Face snapshots of the run (RUN_DIR/hf/step_N, exported in the background)"
+    )
     resume: bool = opt(True, "continue from run_dir/checkpoints/latest when it exists")
+
+
+@dataclass
+class DownstreamConfig:
+    """Downstream scores during training (`soda eval`'s tasks, scored by the training ranks)."""
+
+    interval: int = opt(0, "steps between downstream evaluations on the training ranks (0: none)")
+    tasks: list[str] = opt([], "KIND:FILE.jsonl task files, as `soda eval --task` takes them")
+    max_items: int = opt(0, "score at most this many items of each task (0: all)")
 
 
 @dataclass
@@ -216,6 +255,7 @@ class SodaConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -272,9 +312,12 @@ def model_state_bytes(m: ModelConfig, model_parallel: int) -> float:
 
 
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
-    if world_size % (parallel.tp * parallel.pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tp {parallel.tp} x pp {parallel.pp}")
-    return world_size // (parallel.tp * parallel.pp)
+    """world = TP x PP x CP x DP."""
+    model = parallel.tp * parallel.pp * parallel.cp
+    if world_size % model:
+        cp = f" x cp {parallel.cp}" if parallel.cp > 1 else ""
+        raise ConfigError(f"world size {world_size} is not divisible by tp {parallel.tp} x pp {parallel.pp}{cp}")
+    return world_size // model
 
 
 def _check_type(value, tp, where: str):
@@ -311,6 +354,14 @@ def _check_type(value, tp, where: str):
             pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if dataclasses.is_dataclass(tp):  # a section inside a list (data.stages): a mapping of its fields
+        if isinstance(value, tp):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
+        obj = tp()
+        _fill(obj, value, f"{where}.")
+        return obj
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -433,8 +484,8 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
     `need_data=False` for jobs that feed their own batches (the benchmarks)."""
     check_types(cfg)
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
-    if min(p.tp, p.pp, p.vpp) < 1:
-        raise ConfigError("parallel.tp, parallel.pp and parallel.vpp must be >= 1")
+    if min(p.tp, p.pp, p.vpp, p.cp) < 1:
+        raise ConfigError("parallel.tp, parallel.pp, parallel.vpp and parallel.cp must be >= 1")
     for where, value in (
         ("model.hidden_size", m.hidden_size),
         ("model.num_layers", m.num_layers),
@@ -473,8 +524,23 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
         )
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
-    if p.sequence_parallel and t.seq_length % p.tp:
-        raise ConfigError(f"train.seq_length {t.seq_length} is not divisible by parallel.tp {p.tp} (sequence parallel)")
+    if p.cp > 1 and t.seq_length % (2 * p.cp):
+        raise ConfigError(
+            f"train.seq_length {t.seq_length} is not divisible by 2 x parallel.cp {p.cp}: each context-parallel rank "
+            "holds two of 2 x CP equal chunks (one early, one late: causal attention's work balanced)"
+        )
+    if p.sequence_parallel and (t.seq_length // p.cp) % p.tp:
+        where = (
+            f"train.seq_length {t.seq_length} / parallel.cp {p.cp}" if p.cp > 1 else f"train.seq_length {t.seq_length}"
+        )
+        raise ConfigError(f"{where} is not divisible by parallel.tp {p.tp} (sequence parallel)")
+    if p.cp > 1 and m.transformer_impl == "transformer_engine":
+        raise ConfigError(
+            "parallel.cp > 1 runs in our own attention (all-gathered K/V); model.transformer_impl transformer_engine "
+            "has its own, untested here: use local or auto"
+        )
+    if p.cp > 1 and p.cuda_graph == "full_iteration":
+        raise ConfigError("parallel.cp > 1 with parallel.cuda_graph full_iteration is untested: use none or auto")
     micro = num_micro_batches(t.global_batch_size, t.micro_batch_size, dp)
     if micro > MAX_MICRO_BATCHES:
         raise ConfigError(
@@ -500,7 +566,14 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
     for where, value in (("optim.warmup_fraction", o.warmup_fraction), ("optim.decay_fraction", o.decay_fraction)):
         if not 0 <= value <= 1:
             raise ConfigError(f"{where} must be in [0, 1], got {value}")
-    if o.schedule == "wsd" and o.warmup_fraction + o.decay_fraction > 1:
+    if o.decay_steps < 0 or o.decay_steps > t.steps:
+        raise ConfigError(f"optim.decay_steps {o.decay_steps}: expected 0..train.steps ({t.steps})")
+    if cfg.checkpoint.branch_from and cfg.checkpoint.init_from:
+        raise ConfigError(
+            "checkpoint.branch_from and checkpoint.init_from: give one (a branch takes weights, optimizer and step; "
+            "init_from weights only)"
+        )
+    if o.schedule == "wsd" and not o.decay_steps and o.warmup_fraction + o.decay_fraction > 1:
         raise ConfigError(
             f"optim.warmup_fraction {o.warmup_fraction} + optim.decay_fraction {o.decay_fraction} exceed the run "
             "(their sum must be <= 1)"
@@ -514,4 +587,16 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
         )
     if need_data and not cfg.data.paths:
         raise ConfigError("data.paths: no training shard sets given")
+    last = 0
+    for i, st in enumerate(cfg.data.stages):
+        if st.until_step <= last:
+            raise ConfigError(
+                f"data.stages[{i}].until_step {st.until_step}: stages must end in increasing steps, after {last}"
+            )
+        if need_data and len(st.weights) != len(cfg.data.paths):
+            raise ConfigError(
+                f"data.stages[{i}].weights has {len(st.weights)} weights for {len(cfg.data.paths)} data.paths "
+                "(one per shard set, in their order)"
+            )
+        last = st.until_step
     return dp

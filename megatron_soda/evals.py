@@ -30,6 +30,13 @@ transformers ASR pipeline on the decoded audio; `--asr module:function(audio, ra
 embeddings of the generated and the reference (TTS) or source (S2ST) speech (`hf:<name>`: a
 transformers x-vector model such as microsoft/wavlm-base-plus-sv; the paper used seed-tts-eval's
 WavLM-large verification model, so absolute values differ; `module:function(audio, rate) -> vector`).
+
+The likelihood tasks (item checks, candidates as token ids, scorers: `LIKELIHOOD_TASKS`) live in
+training/likelihood.py, shared with the in-run evaluation (training/downstream.py), which scores them
+with the megatron model; here are their
+transformers backend (`Scorer.logprob_sums`), the generation tasks and the report. Each report
+lists what every candidate scored (`scores`), so two runs of a task compare item by item. The model
+runs in `--dtype` (auto: bf16 on cuda, fp32 on cpu) with SDPA attention.
 """
 
 from __future__ import annotations
@@ -42,62 +49,32 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from megatron_soda.config import UserError
 from megatron_soda.tokenization.codec import MIMI_HF_NAME
+from megatron_soda.training.likelihood import (
+    LIKELIHOOD_TASKS,
+    PAIR_ALIASES,  # noqa: F401 (soda eval's names for the minimal-pair benchmarks)
+    EvalDataError,
+    Request,
+    TaskTokens,
+    eval_choice,
+    eval_pairs,
+    read_task_file,
+)
 
 if TYPE_CHECKING:
     import numpy as np
-
-# the minimal-pair benchmarks by their names (TASKS entries of their own): whether the text is
-# lower-cased, as the authors score tBLIMP
-PAIR_ALIASES = {"swuggy": False, "sblimp": False, "twuggy": False, "tblimp": True}
-
-
-class EvalDataError(UserError, ValueError):
-    pass
 
 
 def read_items(path: str | Path, kind: str | None = None) -> list[dict]:
     """The items of a task file; with `kind`, each checked against what that task reads (types
     included: a string where a list of endings belongs would be scored per character), so a bad
     line is one error naming file, line and field before any model loads."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: no such task file")
-    check = lookup_task(kind).check if kind is not None else None
-    items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise EvalDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}:{n}: not JSON ({e})") from None
-            problem = "not a JSON object" if not isinstance(item, dict) else check(item) if check else None
-            if problem:
-                raise EvalDataError(f"{path}:{n}: {problem}")
-            items.append(item)
-    if not items:
-        raise EvalDataError(f"{path}: no items")
-    return items
+    return read_task_file(path, lookup_task(kind).check if kind is not None else None)
 
 
-# --- what each task reads from an item: None when usable, else what is wrong -----------------------
-
-CANDIDATE = "a non-empty string (text), {'text': string} or {'audio': path}"
-
-
-def _candidate_problem(x, field: str) -> str | None:
-    """A candidate / prompt as `Scorer.segment` reads it (an empty text would score no token)."""
-    inner = (x["audio"] if "audio" in x else x.get("text")) if isinstance(x, dict) else x
-    if isinstance(inner, str) and inner.strip():
-        return None
-    return f"field '{field}' must be {CANDIDATE}, got {json.dumps(x)[:80]}"
+# --- what each generation task reads from an item: None when usable, else what is wrong ----------
 
 
 def _string_problem(item: dict, field: str, non_empty: bool = True) -> str | None:
@@ -107,35 +84,6 @@ def _string_problem(item: dict, field: str, non_empty: bool = True) -> str | Non
     if not isinstance(x, str) or (non_empty and not x.strip()):
         return f"field '{field}' must be a {'non-empty ' if non_empty else ''}string, got {json.dumps(x)[:80]}"
     return None
-
-
-def _pair_problem(item: dict) -> str | None:
-    for key in ("positive", "negative"):
-        if key not in item:
-            return f"missing field '{key}'"
-        problem = _candidate_problem(item[key], key)
-        if problem:
-            return problem
-    return None
-
-
-def _choice_problem(prompt_key: str) -> Callable[[dict], str | None]:
-    def problem(item: dict) -> str | None:
-        for key in (prompt_key, "endings", "label"):
-            if key not in item:
-                return f"missing field '{key}' (needs '{prompt_key}', 'endings' and 'label')"
-        endings, label = item["endings"], item["label"]
-        if not isinstance(endings, list) or len(endings) < 2:
-            return f"field 'endings' must be a list of at least 2 candidates, got {json.dumps(endings)[:80]}"
-        for i, e in enumerate(endings):
-            bad = _candidate_problem(e, f"endings[{i}]")
-            if bad:
-                return bad
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
-            return f"field 'label' must be an integer index of its {len(endings)} endings, got {json.dumps(label)}"
-        return _candidate_problem(item[prompt_key], prompt_key)
-
-    return problem
 
 
 def _fields_problem(*fields: str) -> Callable[[dict], str | None]:
@@ -158,125 +106,39 @@ def normalize_text(s: str) -> str:
     return re.sub(r"\s+", " ", s).strip()
 
 
-class Scorer:
-    """Log-likelihoods of token sequences under the model, batched (right padding)."""
+class Scorer(TaskTokens):
+    """The transformers backend of the likelihood tasks (summed log-probs of token sequences,
+    batched with right padding) and the model the generation tasks sample from."""
 
     def __init__(self, model, tok, layout, codec, base: Path, batch_size: int = 8, sampling=None) -> None:
         from megatron_soda.generate import SamplingConfig
 
-        self.model, self.tok, self.L, self.codec, self.base = model, tok, layout, codec, base
+        super().__init__(tok, layout, codec, base)
+        self.model = model
         self.batch_size = batch_size
         self.sampling = sampling or SamplingConfig(temperature=0.9, top_p=0.8, max_seconds=15.0)
-        self._audio_cache: dict[str, np.ndarray] = {}
 
-    def audio_ids(self, rel: str) -> np.ndarray:
-        from megatron_soda.generate import audio_prompt_ids
-
-        if rel not in self._audio_cache:
-            self._audio_cache[rel] = audio_prompt_ids([str(self.base / rel)], self.codec, self.L)[0]
-        return self._audio_cache[rel]
-
-    def text_ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-    def segment(self, x, where: str, wrap_text: bool = False, lower: bool = False) -> tuple[list[int], str]:
-        """A candidate/prompt -> (ids as it sits in a sequence, 'audio' | 'text'); audio always sits
-        in its delimiters, text with `wrap_text` (minimal pairs, as the authors score them)."""
-        if isinstance(x, str):
-            x = {"text": x}
-        if not isinstance(x, dict) or not ({"audio", "text"} & set(x)):
-            raise EvalDataError(f"{where}: expected {{'audio': path}} or {{'text': str}}, got {x!r}")
-        if "audio" in x:
-            return [self.L.audio_start, *map(int, self.audio_ids(x["audio"])), self.L.audio_end], "audio"
-        ids = self.text_ids(x["text"].lower() if lower else x["text"])
-        return ([self.L.text_start, *ids, self.L.text_end] if wrap_text else ids), "text"
-
-    def logprobs(self, seqs: list[list[int]]) -> list[np.ndarray]:
-        """Per-token log p(token_t | tokens_<t) for t >= 1 of each sequence."""
+    def logprob_sums(self, requests: list[Request]) -> list[float]:
+        """Per (context, continuation): the sum of log p(token | what precedes it) over the continuation."""
         import torch
 
         device = next(self.model.parameters()).device
         out = []
-        for i in range(0, len(seqs), self.batch_size):
-            chunk = seqs[i : i + self.batch_size]
-            width = max(len(s) for s in chunk)
+        for i in range(0, len(requests), self.batch_size):
+            chunk = [(len(c), [*c, *x]) for c, x in requests[i : i + self.batch_size]]
+            width = max(len(s) for _, s in chunk)
             ids = torch.full((len(chunk), width), self.L.eos_id, dtype=torch.long)
             att = torch.zeros_like(ids)
-            for j, s in enumerate(chunk):
+            for j, (_, s) in enumerate(chunk):
                 ids[j, : len(s)] = torch.tensor(s)
                 att[j, : len(s)] = 1
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
                 logits = logits[..., : self.L.vocab_size].float()  # a padded vocabulary's extra rows are no tokens
                 lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-            lp = lp.cpu().numpy()
-            out += [lp[j, : len(s) - 1] for j, s in enumerate(chunk)]
+            lp = lp.double().cpu()
+            out += [float(lp[j, n - 1 : len(s) - 1].sum()) for j, (n, s) in enumerate(chunk)]  # label t: token t + 1
         return out
-
-    def continuation_scores(self, prefix: list[int], conts: list[tuple[list[int], str]]) -> list[dict]:
-        """Score each continuation after BOS + prefix: sum and mean over its audio or text tokens
-        (the four delimiters are not scored)."""
-        import numpy as np
-
-        seqs = [[self.L.bos_id, *prefix, *c] for c, _ in conts]
-        delimiters = [self.L.text_start, self.L.text_end, self.L.audio_start, self.L.audio_end]
-        res = []
-        for (c, _), lp in zip(conts, self.logprobs(seqs), strict=True):
-            tail = lp[len(lp) - len(c) :][~np.isin(np.asarray(c), delimiters)]
-            res.append({"sum": float(tail.sum()), "mean": float(tail.mean()), "n": int(len(tail))})
-        return res
-
-
-def _score(kind: str, r: dict) -> float:
-    return r["mean"] if kind == "audio" else r["sum"]
-
-
-def eval_pairs(sc: Scorer, items: list[dict], name: str, by: str | None = None, lower: bool = False) -> dict:
-    """Minimal pairs: each candidate alone after BOS, in its delimiters, by its mean log-prob."""
-    import numpy as np
-
-    correct, groups = [], {}
-    for n, it in enumerate(items):
-        where = f"{name} item {n}"
-        for key in ("positive", "negative"):
-            if key not in it:
-                raise EvalDataError(f"{where}: missing field '{key}'")
-        pos = sc.segment(it["positive"], where, wrap_text=True, lower=lower)
-        neg = sc.segment(it["negative"], where, wrap_text=True, lower=lower)
-        rp, rn = sc.continuation_scores([], [pos, neg])
-        ok = rp["mean"] > rn["mean"]
-        correct.append(ok)
-        if by:
-            groups.setdefault(str(it.get(by, "all")), []).append(ok)
-    out = {"accuracy": float(np.mean(correct)), "items": len(items)}
-    if by:
-        out["by_" + by] = {k: float(np.mean(v)) for k, v in sorted(groups.items())}
-    return out
-
-
-def eval_choice(sc: Scorer, items: list[dict], name: str, prompt_key: str) -> dict:
-    import numpy as np
-
-    acc, acc_norm = [], []
-    for n, it in enumerate(items):
-        where = f"{name} item {n}"
-        if prompt_key not in it or "endings" not in it or "label" not in it:
-            raise EvalDataError(f"{where}: needs '{prompt_key}', 'endings' and 'label'")
-        prefix, _ = sc.segment(it[prompt_key], where)
-        conts = [sc.segment(e, where) for e in it["endings"]]
-        if not 0 <= int(it["label"]) < len(conts):
-            raise EvalDataError(f"{where}: label {it['label']} outside its {len(conts)} endings")
-        res = sc.continuation_scores(prefix, conts)
-        scores = [_score(k, r) for (_, k), r in zip(conts, res, strict=True)]
-        acc.append(int(np.argmax(scores)) == int(it["label"]))
-        if all(k == "text" for _, k in conts):  # per byte of the ending text
-            lens = [max(1, len((e if isinstance(e, str) else e["text"]).encode())) for e in it["endings"]]
-            normed = [r["sum"] / b for r, b in zip(res, lens, strict=True)]
-            acc_norm.append(int(np.argmax(normed)) == int(it["label"]))
-    out = {"accuracy": float(np.mean(acc)), "items": len(items)}
-    if acc_norm:
-        out["accuracy_norm"] = float(np.mean(acc_norm))
-    return out
 
 
 def _generate(sc: Scorer, prompts: list[list[int]], task: str, sample: bool = False):
@@ -476,18 +338,13 @@ def _choice(prompt_key: str) -> Callable[..., dict]:
     return lambda sc, items, name, asr, speaker: eval_choice(sc, items, name, prompt_key)
 
 
+def _likelihood(t) -> Callable[..., dict]:
+    return _pairs(t.lower, t.by) if t.scorer == "pairs" else _choice(t.prompt_key)
+
+
 # Every task `--task KIND:FILE` accepts: dispatch, --help and the refusal of an unknown KIND all read it.
 TASKS: dict[str, Task] = {
-    "minimal_pairs": Task("sWUGGY/sBLIMP/tWUGGY/tBLIMP {positive, negative}: accuracy", _pairs(), _pair_problem),
-    **{
-        name: Task(f"= minimal_pairs{', text lower-cased' if lower else ''}", _pairs(lower), _pair_problem)
-        for name, lower in PAIR_ALIASES.items()
-    },
-    "salmon": Task("SALMon {positive, negative, task}: accuracy, also per task", _pairs(by="task"), _pair_problem),
-    "storycloze": Task("{prompt, endings, label}: accuracy", _choice("prompt"), _choice_problem("prompt")),
-    "multiple_choice": Task(
-        "{context, endings, label}: accuracy and per-byte accuracy", _choice("context"), _choice_problem("context")
-    ),
+    **{kind: Task(t.summary, _likelihood(t), t.check) for kind, t in LIKELIHOOD_TASKS.items()},
     "asr": Task(
         "{audio, text}: WER, greedy",
         lambda sc, items, name, asr, speaker: eval_asr(sc, items, name),
@@ -518,17 +375,24 @@ def run(
     asr: str,
     sampling,
     speaker: str = "",
+    dtype: str = "auto",
 ) -> dict:
-    from megatron_soda.generate import load_model
+    from megatron_soda.generate import load_model, model_dtype
     from megatron_soda.tokenization.codec import MimiCodec
 
     # every task and task file is checked before a model loads
     scorers = [(kind, path, lookup_task(kind), read_items(path, kind)) for kind, path in tasks]
-    loaded = load_model(model_src, device, tokenizer)
+    loaded = load_model(model_src, device, tokenizer, dtype)
     model, tok, layout = loaded.model, loaded.tok, loaded.layout
     codec = loaded.pick_codec(codec)
     mimi = MimiCodec.load(codec, device)
-    report = {"model": model_src, "codec": codec, "sampling": dataclasses.asdict(sampling), "tasks": {}}
+    report = {
+        "model": model_src,
+        "codec": codec,
+        "dtype": model_dtype(dtype, device),
+        "sampling": dataclasses.asdict(sampling),
+        "tasks": {},
+    }
     for kind, path, t, items in scorers:
         sc = Scorer(model, tok, layout, mimi, Path(path).parent, sampling=sampling)
         name = f"{kind}:{Path(path).name}"
@@ -553,6 +417,9 @@ class EvalConfig:
     )
     tokenizer: str | None = None
     device: str = "cpu"
+    dtype: Literal["auto", "fp32", "bf16"] = field(
+        default="auto", metadata={"help": "model weights and compute: auto is bf16 on cuda, fp32 on cpu"}
+    )
     asr: str = field(default="self", metadata={"help": "TTS / S2ST transcriber: self | hf:<model> | module:function"})
     speaker: str = field(
         default="", metadata={"help": "TTS / S2ST speaker similarity: hf:<x-vector model> | module:function"}
@@ -579,7 +446,7 @@ def eval_job(cfg: EvalConfig) -> dict:
     from megatron_soda.generate import SamplingConfig
 
     sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_seconds, seed=cfg.seed)
-    report = run(cfg.model, tasks, cfg.codec, cfg.device, cfg.tokenizer, cfg.asr, sampling, cfg.speaker)
+    report = run(cfg.model, tasks, cfg.codec, cfg.device, cfg.tokenizer, cfg.asr, sampling, cfg.speaker, cfg.dtype)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))

@@ -22,16 +22,30 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from megatron_soda.config import UserError
 from megatron_soda.tokenization.codec import MIMI_FRAME_RATE, MIMI_HF_NAME
+from megatron_soda.training.likelihood import (  # noqa: F401 (prompt audio is encoded as the evaluations encode it)
+    PROMPT_PIECE_SECONDS,
+    audio_prompt_ids,
+)
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
 TASKS = ("continue", "asr", "tts", "s2st")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def model_dtype(dtype: str, device: str) -> str:
+    """`auto`: bf16 on a GPU (with SDPA, what its kernels are fast in), fp32 on the CPU."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return dtype
 
 
 @dataclass
@@ -67,11 +81,12 @@ class LoadedModel:
         return given or self.codec or MIMI_HF_NAME
 
 
-def load_model(source: str, device: str = "cpu", tokenizer: str | None = None) -> LoadedModel:
-    """The HF model, tokenizer, layout and training codec from an exported HF folder or a
-    megatron-soda checkpoint. A folder whose vocabulary is padded past the tokenizer's (as
-    megatron-style exports and some releases are) loads too: the padding rows are never sampled
-    (LayoutConstraint) nor scored (evals slice the logits to the layout)."""
+def load_model(source: str, device: str = "cpu", tokenizer: str | None = None, dtype: str = "auto") -> LoadedModel:
+    """The HF model (in `dtype`, `model_dtype`'s; SDPA attention), tokenizer, layout and training
+    codec from an exported HF folder or a megatron-soda checkpoint. A folder whose vocabulary is
+    padded past the tokenizer's (as megatron-style exports and some releases are) loads too: the
+    padding rows are never sampled (LayoutConstraint) nor scored (evals slice the logits to the layout)."""
+    weights = model_dtype(dtype, device)
     folder = Path(source)
     if not folder.exists():
         raise UserError(f"{source}: no such model folder, run directory or checkpoint")
@@ -90,7 +105,9 @@ def load_model(source: str, device: str = "cpu", tokenizer: str | None = None) -
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar over a model's tensors tells a user nothing
-    model = Qwen3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    torch_dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+    model = Qwen3ForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
     tok_src = tokenizer or str(folder)
     try:
         tok = AutoTokenizer.from_pretrained(tok_src)
@@ -150,33 +167,6 @@ class LayoutConstraint:
                 allowed[i, L.text_start] = True
                 allowed[i, L.audio_start] = True
         return scores.masked_fill(~allowed, float("-inf"))
-
-
-# Prompt audio longer than this is decoded and encoded in pieces of this length (MimiCodec.encode_file),
-# as `soda prepare` cuts long audio at its default --max-seconds.
-PROMPT_PIECE_SECONDS = 60.0
-
-
-def audio_prompt_ids(paths: list[str], codec, layout, piece_seconds: float = PROMPT_PIECE_SECONDS) -> list[np.ndarray]:
-    """The audio ids of each file: short clips in one batch, a long one in `piece_seconds` pieces
-    (memory: a 10-minute file in one piece takes 8 GB)."""
-    from megatron_soda.tokenization.audio_io import AudioSkip, audio_seconds, load_audio
-
-    ids: dict[int, np.ndarray] = {}
-    short: list[int] = []
-    clips = []
-    for i, p in enumerate(paths):
-        try:
-            total = audio_seconds(p)
-            if total is not None and total > piece_seconds:
-                ids[i] = layout.codes_to_ids(codec.encode_file(p, total, piece_seconds)[0])
-            else:
-                clips.append(load_audio(p, codec.sample_rate).samples)
-                short.append(i)
-        except AudioSkip as e:
-            raise UserError(f"{p}: unusable audio ({e.reason})") from None
-    ids.update(zip(short, (layout.codes_to_ids(c) for c in codec.encode(clips)), strict=True))
-    return [ids[i] for i in range(len(paths))]
 
 
 def prompt_positions(model) -> int | None:
@@ -281,13 +271,21 @@ def split_segments(prompt: list[int], new: list[int], layout) -> list[dict]:
     return segs
 
 
-def generate(model, tok, layout, prompts: list[list[int]], task: str, s: SamplingConfig, codec=None) -> list[Generated]:
-    """Batched sampling with a KV cache (left-padded prompts); audio decoded when a codec is given."""
-    import numpy as np
+def sample_tokens(
+    model,
+    layout,
+    prompts: list[list[int]],
+    task: str,
+    s: SamplingConfig,
+    max_frames: int,
+    max_new: int,
+    min_new: int = 0,
+) -> torch.Tensor:
+    """[batch, width + new] ids: the left-padded prompts (width: the longest) and what transformers'
+    generate with a KV cache sampled after them under the layout's constraints; a row stops at its
+    task's stop token, but not before `min_new` tokens (`soda bench generate` times exact lengths)."""
     import torch
     from transformers import LogitsProcessorList
-
-    from megatron_soda.tokenization.text_tokenizer import decode_text
 
     device = next(model.parameters()).device
     torch.manual_seed(s.seed)
@@ -300,17 +298,13 @@ def generate(model, tok, layout, prompts: list[list[int]], task: str, s: Samplin
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
-    frame_rate = codec.frame_rate if codec is not None else MIMI_FRAME_RATE
-    max_frames = max(1, int(round(s.max_seconds * frame_rate)))
-    max_new = max_frames * layout.codebooks + 2 * s.max_text_tokens + 8
-    if task == "asr":
-        max_new = s.max_text_tokens + 1
     greedy = s.temperature <= 0
     with torch.no_grad():
-        out = model.generate(
+        return model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new,
+            min_new_tokens=min_new or None,
             do_sample=not greedy,
             temperature=None if greedy else s.temperature,
             top_k=(s.top_k or None) if not greedy else None,
@@ -319,6 +313,21 @@ def generate(model, tok, layout, prompts: list[list[int]], task: str, s: Samplin
             pad_token_id=pad,
             logits_processor=LogitsProcessorList([LayoutConstraint(layout, max_frames)]),
         )
+
+
+def generate(model, tok, layout, prompts: list[list[int]], task: str, s: SamplingConfig, codec=None) -> list[Generated]:
+    """Batched sampling with a KV cache (left-padded prompts); audio decoded when a codec is given."""
+    import numpy as np
+
+    from megatron_soda.tokenization.text_tokenizer import decode_text
+
+    frame_rate = codec.frame_rate if codec is not None else MIMI_FRAME_RATE
+    max_frames = max(1, int(round(s.max_seconds * frame_rate)))
+    max_new = max_frames * layout.codebooks + 2 * s.max_text_tokens + 8
+    if task == "asr":
+        max_new = s.max_text_tokens + 1
+    out = sample_tokens(model, layout, prompts, task, s, max_frames, max_new)
+    width = max(len(p) for p in prompts)
     results = []
     stops = set(stop_ids(task, layout))
     for i, p in enumerate(prompts):
@@ -363,6 +372,9 @@ class GenerateConfig:
     )
     tokenizer: str | None = field(default=None, metadata={"help": "default: the model folder's / checkpoint's"})
     device: str = "cpu"
+    dtype: Literal["auto", "fp32", "bf16"] = field(
+        default="auto", metadata={"help": "model weights and compute: auto is bf16 on cuda, fp32 on cpu"}
+    )
     temperature: float = field(default=0.9, metadata={"help": "0: greedy"})
     top_k: int = 0
     top_p: float = 0.8
@@ -396,7 +408,7 @@ def generate_job(a: GenerateConfig) -> None:
 
     from megatron_soda.tokenization.codec import MimiCodec
 
-    loaded = load_model(a.model, a.device, a.tokenizer)
+    loaded = load_model(a.model, a.device, a.tokenizer, a.dtype)
     model, tok, layout = loaded.model, loaded.tok, loaded.layout
     codec = MimiCodec.load(loaded.pick_codec(a.codec), a.device)
     limit = prompt_positions(model)

@@ -22,7 +22,7 @@ from typing import Literal
 
 from megatron_soda.config import SodaConfig, UserError, check_overrides, parse_overrides
 
-RUN_SECTIONS = ("model", "parallel", "optim", "train", "data", "checkpoint")
+RUN_SECTIONS = ("model", "parallel", "optim", "train", "data", "checkpoint", "eval")
 _OVERRIDE = "override:"  # dest prefix of the --section.key options
 
 

@@ -71,6 +71,14 @@ def small_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def long_shards(tmp_path_factory) -> Path:
+    """SMALL_LAYOUT samples of 2,048 tokens (16 in 4 shards): what context-parallel layouts split."""
+    out = tmp_path_factory.mktemp("long") / "set"
+    synthetic_set(out, [4, 4, 4, 4], seq_len=2048, layout=SMALL_LAYOUT, seed=11)
+    return out
+
+
 def synthetic_set(
     out: Path, shard_sizes: list[int], seq_len: int = 16, layout: SodaLayout | None = None, seed: int = 0
 ) -> list[np.ndarray]:

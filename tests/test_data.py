@@ -123,6 +123,23 @@ def test_weighted_mixture(tmp_path):
     assert sorted(speech[:40]) == list(range(40))
 
 
+def test_a_later_stage_goes_on_with_each_sets_draws_and_counts_the_data_position(tmp_path):
+    """Stage 2 draws from A after stage 1 did: A's samples go on through its epoch (none repeats
+    before all were seen), and `sources` gives the labels `locate` reads."""
+    from megatron_soda.config import MixtureStage
+
+    synthetic_set(tmp_path / "a", [48], seq_len=8, seed=1)
+    synthetic_set(tmp_path / "b", [48], seq_len=8, seed=2)
+    stages = [MixtureStage(until_step=3, weights=[0.5, 0.5]), MixtureStage(until_step=6, weights=[0.75, 0.25])]
+    cfg = DataConfig(paths=[str(tmp_path / "a"), str(tmp_path / "b")], stages=stages, blend_block=8)
+    ds = MixtureDataset(cfg, global_batch_size=8)
+    draws = [ds.locate(g) for g in range(48)]  # 3 steps of stage 1 (12 from A), 3 of stage 2 (18 from A)
+    a = [k for d, k in draws if d == 0]
+    assert len(a) == 30 and len(set(a)) == 30, a
+    assert [ds.stage_of(g) for g in (0, 23, 24, 47)] == [0, 0, 1, 1]
+    assert ds.sources(16, 16).tolist() == [d for d, _ in draws[16:32]]
+
+
 def test_layout_and_seq_len_mismatch_is_refused(tmp_path):
     synthetic_set(tmp_path / "a", [3], seq_len=8)
     synthetic_set(tmp_path / "b", [3], seq_len=8, layout=SodaLayout(text_vocab_size=500, bos_id=0, eos_id=1))
@@ -165,7 +182,7 @@ def test_overwritten_sample_is_an_error_or_masked_with_count(tmp_path):
 
 
 def test_padding_is_masked():
-    batch = {"sample": __import__("torch").tensor([[5, 6, 7, -1, -1]]), "index": None, "corrupt": None}
+    batch = {"sample": __import__("torch").tensor([[5, 6, 7, -1, -1]]), "index": None, "corrupt": None, "source": None}
     out = split_batch(batch, pad_input_id=1)
     assert out["tokens"].tolist() == [[5, 6, 7, 1]]
     assert out["labels"].tolist() == [[6, 7, 0, 0]]

@@ -8,6 +8,7 @@ the softmax chunk by chunk, in another order than the reference).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -193,14 +194,33 @@ def test_wgrad_gemm_and_multi_tensor_ops_match_megatron():
     assert all(torch.equal(x, t * 0.5) for x, t in zip(c, ts, strict=True))
 
 
-def check_rmsnorm(shape=(37, 3, 48), plant: str | None = None) -> list[str]:
+@contextlib.contextmanager
+def _small_norm_blocks():
+    """The interpreter's RMSNorm launch as a GPU's, in miniature: 4-row blocks, 3 backward programs
+    each visiting several blocks (the last one short), the d(weight) sum over several column blocks
+    and steps of partial rows."""
+    from megatron_soda.kernels import rmsnorm
+
+    names = ("INTERPRETER_BLOCK_ELEMENTS", "INTERPRETER_PROGRAMS", "DW_BLOCK_P", "DW_BLOCK_N")
+    saved = {k: getattr(rmsnorm, k) for k in names}
+    rmsnorm.INTERPRETER_BLOCK_ELEMENTS, rmsnorm.INTERPRETER_PROGRAMS = 4 * 256, 3
+    rmsnorm.DW_BLOCK_P, rmsnorm.DW_BLOCK_N = 2, 16
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(rmsnorm, k, v)
+
+
+def check_rmsnorm(shape=(37, 3, 48), plant: str | None = None, small_blocks: bool = False) -> list[str]:
     """The outputs of the Triton RMSNorm (forward, d_x, d_w) that differ from torch's; [] = parity."""
     g = _gen(5)
     x = torch.randn(*shape, generator=g, requires_grad=True)
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).requires_grad_(True)
     dy = torch.randn(*shape, generator=g)
-    y = _out(plant, "forward", rms_norm(_in(plant, "d_x", x), _in(plant, "d_w", w), 1e-5))
-    y.backward(dy)
+    with _small_norm_blocks() if small_blocks else contextlib.nullcontext():
+        y = _out(plant, "forward", rms_norm(_in(plant, "d_x", x), _in(plant, "d_w", w), 1e-5))
+        y.backward(dy)
     xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     yr = torch.nn.functional.rms_norm(xr, (shape[-1],), wr, 1e-5)
     yr.backward(dy)
@@ -208,10 +228,14 @@ def check_rmsnorm(shape=(37, 3, 48), plant: str | None = None) -> list[str]:
     return [k for k, (got, want, atol) in pairs.items() if not _close(got, want, atol)]
 
 
-@pytest.mark.parametrize("shape", [(37, 3, 48), (5, 2, 4, 16), (0, 8)])
-def test_rmsnorm_matches_torch(shape):
-    """Hidden-state and per-head (QK-norm) shapes, and no rows at all: output, d(input), d(weight)."""
-    assert check_rmsnorm(shape) == [], f"seed {SEED}"
+@pytest.mark.parametrize("small_blocks", [False, True])
+@pytest.mark.parametrize("shape", [(37, 3, 48), (5, 2, 4, 16), (9, 2, 4, 64), (6, 1, 4, 128), (7, 3, 200), (0, 8)])
+def test_rmsnorm_matches_torch(shape, small_blocks):
+    """Hidden-state and per-head (QK-norm, head dim 64 and 128) shapes, a hidden size that is not a
+    power of two, and no rows at all: output, d(input), d(weight); with the interpreter's one large
+    block, and with GPU-like small blocks (several backward programs, each reducing several row
+    blocks into its partial d(weight) row, summed over column blocks afterwards)."""
+    assert check_rmsnorm(shape, small_blocks=small_blocks) == [], f"seed {SEED}"
 
 
 def check_rope(plant: str | None = None) -> list[str]:
@@ -260,6 +284,8 @@ def test_a_bug_planted_in_any_output_of_a_kernel_fails_its_parity_check(kernel, 
     assert output in CHECKS[kernel](plant=output), (kernel, output)
     if kernel == "fused_ce":  # the training path (gradients computed in the forward) too
         assert output in check_ce(mode="loss", plant=output), (kernel, output, "loss mode")
+    if kernel == "rmsnorm":  # the multi-program backward (partial d(weight) rows) and the QK-norm shape too
+        assert output in check_rmsnorm((9, 2, 4, 64), plant=output, small_blocks=True), (kernel, output, "small blocks")
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
@@ -308,12 +334,14 @@ SELFCHECK_FP32_LIMITS = {
     "padding_rows_grad": 0.0,
     "main_grad_flagged": True,
     "wgrad_accum": 1e-6,
-    "rmsnorm_fwd": 2e-5,
-    "rmsnorm_dx": 2e-5,
-    "rmsnorm_dw": 2e-5,
-    "qk_norm_fwd": 2e-5,
-    "qk_norm_dx": 2e-5,
-    "qk_norm_dw": 2e-5,
+    **{
+        f"{norm}_{out}": 2e-5
+        for norm in ("rmsnorm", "rmsnorm_rows", "qk_norm", "qk_norm128")
+        for out in ("fwd", "dx", "dw")
+    },
+    # FP8 linears split over TP (SP column, row) vs unsharded: the same quantisation grid, ~3e-7 observed
+    **{f"fp8_{kind}_{out}": 2e-6 for kind in ("col", "row") for out in ("fwd", "dx", "dw")},
+    "fp8_gemm": 2e-6,  # torch's CPU _scaled_mm vs the fp32 emulation
     "rope_fwd": 2e-5,
     "rope_bwd": 2e-5,
     "l2norm_rel": 1e-6,
@@ -382,24 +410,17 @@ def test_training_loss_with_kernels_and_levers_equals_without(small_shards, tmp_
     assert "norm: triton" in (tp2 / "fast_paths.yaml").read_text()
 
 
-def test_bench_kernels_prints_ratios():
+def test_bench_kernels_prints_ratios_and_runs_the_fair_race(tmp_path):
+    """Every op of `soda bench kernels` on a small shape; the fair CE race's rows: ours, torch and
+    megatron-core timed on the same inputs (the same loss), the GPU peers skipped with a note, the
+    inputs' entropy per token type the one asked for."""
+    from megatron_soda.tools.bench.kernels import RACE_TARGETS
+
+    out = tmp_path / "kernels.json"
     # its own process: the benchmark starts a one-rank megatron session (CPU backend) for megatron's modules
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_soda.cli",
-            "bench",
-            "kernels",
-            "--hidden",
-            "32",
-            "--tokens",
-            "64",
-            "--vocab",
-            "512",
-            "--reps",
-            "1",
-        ],
+        [sys.executable, "-m", "megatron_soda.cli", "bench", "kernels", "--hidden", "32", "--tokens", "64"]
+        + ["--vocab", "17000", "--reps", "1", "--json", str(out)],
         capture_output=True,
         text=True,
         env=env(),
@@ -407,5 +428,37 @@ def test_bench_kernels_prints_ratios():
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    out = r.stdout
-    assert "embedding  hidden 32, 64 tokens" in out and "megatron-core" in out and "fused is" in out
+    text = r.stdout
+    assert "embedding  hidden 32, 64 tokens" in text and "megatron-core" in text and "fused is" in text
+    assert "fair CE race  hidden 32, 64 tokens" in text and "cut-cross-entropy: skipped" in text
+    rows = json.loads(out.read_text())
+    (race,) = [row for row in rows if "ce_race" in row]
+    assert [x["impl"] for x in race["ce_race"]] == ["fused", "torch", "megatron-core"]
+    assert {"liger-kernel", "cut-cross-entropy", "cut-cross-entropy-exact"} <= set(race["race"]["skipped"])
+    nll = race["race"]["mean_nll"]
+    assert max(nll.values()) - min(nll.values()) < 1e-4, nll
+    assert set(race["race"]["inputs"]) == set(RACE_TARGETS)
+    for name, row in race["race"]["inputs"].items():
+        assert abs(row["entropy"] - RACE_TARGETS[name][1]) < 0.01, (name, row)
+    assert {"rmsnorm", "qk_norm", "rope", "cross_entropy", "embedding"} <= {k for row in rows for k in row}
+
+
+def test_fair_race_inputs_have_a_trained_models_entropy_per_token_type():
+    """Measured here from the inputs themselves: the mean entropy of each token type's softmax is its
+    target, the labels' mean NLL matches it (labels drawn from those softmaxes), and a token's mass
+    sits in its own type's id range (text ids or its codebook's), as a trained model's does."""
+    from megatron_soda.tools.bench.kernels import RACE_TARGETS, _id_types, race_inputs, race_layout
+
+    inp = race_inputs(1024, 32, 17000, "cpu", torch.float32, seed=SEED)
+    logp = torch.log_softmax(inp["hidden"] @ inp["weight"].t(), -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    nll = -logp.gather(1, inp["labels"][:, None])[:, 0]
+    own = _id_types(race_layout(17000))[None, :] == inp["types"][:, None]
+    mass = (logp.exp() * own).sum(-1)
+    targets = torch.tensor([t for _, t in RACE_TARGETS.values()])[inp["types"]]
+    for k, (name, (share, target)) in enumerate(RACE_TARGETS.items()):
+        mine = inp["types"] == k
+        assert abs(mine.float().mean().item() - share) < 0.01, name
+        assert abs(entropy[mine].mean().item() - target) < 0.01, (name, entropy[mine].mean().item())
+    assert abs(nll.mean().item() - targets.mean().item()) < 0.3, (nll.mean().item(), targets.mean().item())
+    assert mass.min().item() > 0.95, mass.min().item()

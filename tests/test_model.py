@@ -10,6 +10,7 @@ from tests.launch import PRESETS, ROOT
 SPEC = {
     "soda-135m": (57.0, 74.1, 131.1, 205.0),
     "soda-600m": (440.5, 148.1, 588.6, 737.0),
+    "soda-600m-32k": (440.5, 148.1, 588.6, 737.0),  # the 600M shape, its context extended
     "soda-1.7b": (1409.0, 296.2, 1706.0, 2000.0),
     "soda-4b": (3634.0, 370.3, 4004.0, 4370.0),
 }

@@ -18,17 +18,21 @@ PAPER_MIXTURE = {"yodas-en": 0.516, "emilia-yodas-en": 0.288, "emilia-en": 0.146
 
 
 PAPER_LR = {"soda-135m": 4.24e-3, "soda-600m": 4.24e-3, "soda-1.7b": 3.0e-3, "soda-4b": 2.68e-3}
+EXPLICIT_LR = {"soda-600m-32k": 3.0e-4}  # a context extension from a trained checkpoint: its own, lower LR
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_follow_the_papers_lr_rule_and_mixture(preset):
-    assert preset in PAPER_LR, f"configs/{preset}.yaml: add the peak LR the paper's rule gives it to PAPER_LR"
-    lr = PAPER_LR[preset]
+    assert preset in PAPER_LR or preset in EXPLICIT_LR, f"configs/{preset}.yaml: add its peak LR to PAPER_LR"
     path = str(ROOT / "configs" / f"{preset}.yaml")
     cfg = load_config(path)
-    assert abs(cfg.optim.lr - lr) < 0.005e-3, cfg.optim.lr
     assert dict(zip(cfg.data.names, cfg.data.weights, strict=True)) == PAPER_MIXTURE
     assert (cfg.optim.adamc, cfg.optim.embedding_weight_decay, cfg.optim.weight_decay) == (True, False, 0.033)
+    if preset in EXPLICIT_LR:
+        assert cfg.optim.lr == EXPLICIT_LR[preset]
+        return
+    lr = PAPER_LR[preset]
+    assert abs(cfg.optim.lr - lr) < 0.005e-3, cfg.optim.lr
     half = load_config(path, ["--train.global_batch_size", "256"])  # the rule follows the batch
     assert abs(half.optim.lr - cfg.optim.lr / 2**0.5) < 1e-7
     assert load_config(path, ["--optim.lr", "1e-4"]).optim.lr == 1e-4  # a given LR is kept

@@ -52,6 +52,27 @@ CASES = [
         ),
         dict(N=128, BLOCK_M=32, BLOCK_N=128),
     ),
+    *[  # the one-pass backward at the hidden sizes of the presets' norms and the 64-dim QK-norm
+        (
+            rmsnorm._rms_bwd,
+            dict(
+                x_ptr="*bf16",
+                w_ptr="*bf16",
+                dy_ptr="*bf16",
+                rstd_ptr="*fp32",
+                dx_ptr="*bf16",
+                dw_part_ptr="*fp32",
+                n_rows="i32",
+            ),
+            dict(N=n, BLOCK_M=max(1, rmsnorm.MAX_BLOCK_ELEMENTS // b), BLOCK_N=b),
+        )
+        for n, b in ((64, 64), (512, 512), (2560, 4096))
+    ],
+    (
+        rmsnorm._dw_sum,
+        dict(part_ptr="*fp32", dw_ptr="*bf16", n_part="i32"),
+        dict(N=2560, BLOCK_P=rmsnorm.DW_BLOCK_P, BLOCK_N=rmsnorm.DW_BLOCK_N),
+    ),
     *[
         (
             rope._rope,

@@ -7,6 +7,11 @@ with more ranks) only does what is missing. Whichever rank sees every sidecar wr
 One process runs a slice at a time (a lock, `.lock-rank{r}-of-{n}` in the output); SIGTERM, a
 full disk or a killed run leave finished shards and no partial ones (removed on the way out, or
 by the next run of the slice). The codec loads on the first audio to encode: text needs none.
+
+`--output s3://...` (or gs://): shards are written to a local staging directory and each is uploaded
+as it finishes (shard, checksums, then its sidecar, which marks it finished there too); the index is
+uploaded last, so a reader never sees a half-written set, and a re-run does only the shards the
+store lacks (`StoreOutput`).
 """
 
 from __future__ import annotations
@@ -86,6 +91,13 @@ class PrepareConfig:
         default=None, metadata={"help": "number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)"}
     )
     progress: bool = field(default=True, metadata={"help": "progress bar (--no-progress: none)"})
+    staging: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --output s3:// or gs://: where shards are written before their upload "
+            "(default: a temporary directory, removed after)"
+        },
+    )
     doc_key: str = field(
         default="doc",
         metadata={
@@ -492,7 +504,7 @@ def summarize(records: list[dict], pre_skips: list[Skip], seconds: float) -> dic
     }
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def print_summary(summary: dict, out: Path | str) -> None:
     s = summary
     print(
         f"prepared {out}: {s['shards']} shards, {s['samples']} samples, {s['tokens']:,} tokens "
@@ -552,8 +564,9 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
 def _fatal(error: BaseException) -> bool:
     """A unit's failure that every other unit would meet too: stop the run instead of counting it."""
     from megatron_soda.tokenization.codec import CodecLoadError
+    from megatron_soda.tokenization.object_store import ObjectStoreError  # an upload: every shard needs one
 
-    return isinstance(error, Stopped | CodecLoadError) or no_space_error(error) is not None
+    return isinstance(error, Stopped | CodecLoadError | ObjectStoreError) or no_space_error(error) is not None
 
 
 def _same_codec(old: dict | None, new: dict) -> bool:
@@ -570,21 +583,26 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
 
     cfg.validate()
     inputs = discover(cfg.inputs, cfg.paired_needed, cfg.pretokenized, cfg.doc_key)
-    out = Path(cfg.output)
+    store = StoreOutput(cfg) if "://" in cfg.output else None  # --output on object storage: staged here
+    out = store.staging if store else Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     # one process per slice: two would write the same shards (other slices run concurrently)
     lock = hold(out / f".lock-rank{cfg.rank}-of-{cfg.world_size}", "soda prepare")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        return _prepare(cfg, inputs, out, progress)
+        if store:
+            store.resume()
+        return _prepare(cfg, inputs, out, progress, store)
     finally:
         if main_thread:  # None: a handler not set from Python (the default, for all we can tell)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         lock.close()
+        if store:
+            store.close()
 
 
-def _prepare(cfg: PrepareConfig, inputs, out: Path, progress: bool) -> dict:
+def _prepare(cfg: PrepareConfig, inputs, out: Path, progress: bool, store: StoreOutput | None = None) -> dict:
     from tqdm import tqdm
 
     from megatron_soda.tokenization.text_tokenizer import tokenizer_fingerprint
@@ -619,7 +637,8 @@ def _prepare(cfg: PrepareConfig, inputs, out: Path, progress: bool) -> dict:
     shard_paths = [out / f"shard-{u:06d}.tar" for u in range(len(units))]
     slice_units = [u for u in range(len(units)) if u % cfg.world_size == cfg.rank]
     remove_partials(out, slice_units, mine=False)  # of an earlier run of this slice that was killed
-    mine = [u for u in slice_units if read_sidecar(shard_paths[u]) is None]
+    is_done = store.finished if store else read_sidecar  # on object storage: the store's shards count
+    mine = [u for u in slice_units if is_done(shard_paths[u]) is None]
     done_before = len(slice_units) - len(mine)
     failures: list[str] = []
     t0 = time.time()
@@ -636,6 +655,8 @@ def _prepare(cfg: PrepareConfig, inputs, out: Path, progress: bool) -> dict:
 
     def _account(u: int, record: dict) -> None:
         nonlocal audio_s, tokens
+        if store:
+            store.push_shard(shard_paths[u])
         audio_s += record["stats"].get("audio_seconds_x1000", 0) / 1000
         tokens += record["tokens"]
         el = max(time.time() - t0, 1e-9)
@@ -690,7 +711,9 @@ def _prepare(cfg: PrepareConfig, inputs, out: Path, progress: bool) -> dict:
     if failures:
         raise UserError(f"{len(failures)} shard(s) failed (re-run to retry them): " + "; ".join(failures[:5]))
 
-    records = [read_sidecar(p) for p in shard_paths]
+    if store:
+        store.scan()  # what the other slices finished meanwhile: the last one writes the index
+    records = [is_done(p) for p in shard_paths]
     finished = [r for r in records if r is not None]
     summary = summarize(finished, inputs.skips, time.time() - t0)
     if len(finished) == len(records):
@@ -706,6 +729,8 @@ def _prepare(cfg: PrepareConfig, inputs, out: Path, progress: bool) -> dict:
         try:
             atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
             write_index(out, layout, cfg.seq_len, [index_entry(r) for r in finished], meta)
+            if store:
+                store.push_index()
         except BaseException as e:  # a full disk: no half-written index (nor its temporary file) stays
             for name in ("index.json", "skipped.jsonl"):
                 (out / f".{name}.tmp-{os.getpid()}").unlink(missing_ok=True)
@@ -736,6 +761,93 @@ def _set_codec(out: Path, known: dict, records: list[dict]) -> dict:
     return json.loads(found.pop()) if found else known
 
 
+class StoreOutput:
+    """`--output` on object storage: the run writes into a local staging directory, and each
+    finished shard goes up with its checksums and then its sidecar (a shard whose sidecar the store
+    holds, with the size it records, is finished there: a re-run skips it); `index.json` goes last,
+    after `skipped.jsonl`, the tokenizer and the run's identity. What is uploaded leaves the staging
+    directory, so it holds at most the shards in progress. No lock spans machines: run one
+    `soda prepare` per slice of the output, as with a shared file system."""
+
+    def __init__(self, cfg: PrepareConfig) -> None:
+        import tempfile
+
+        from megatron_soda.tokenization import object_store
+
+        self.store = object_store
+        self.url = cfg.output.rstrip("/")
+        object_store.check_url(self.url, write=True)
+        self.temporary = cfg.staging is None
+        self.staging = Path(cfg.staging) if cfg.staging else Path(tempfile.mkdtemp(prefix="soda-prepare-"))
+        self.done: dict[str, dict] = {}  # shard file -> sidecar record, of the shards the store holds whole
+        self.have: dict[str, int] = {}  # the tokenizer's files and the identity the store holds, by size
+        self._meta_pushed = False
+
+    def resume(self) -> None:
+        """What the store holds already: finished shards, the identity and tokenizer of the run that
+        wrote them (checked against this one's as a local re-run checks its directory's), and
+        shards an earlier run finished here but had not uploaded."""
+        store, objects = self.store, self.scan()
+        if "prepare_identity.json" in objects:
+            (self.staging / "prepare_identity.json").write_bytes(store.read_bytes(objects["prepare_identity.json"].url))
+        tokenizer = store.join(self.url, "tokenizer")
+        self.have = {f"tokenizer/{n}": i.size for n, i in store.list_dir(tokenizer).items()}
+        self.have |= {n: i.size for n, i in objects.items() if n == "prepare_identity.json"}
+        if not (self.staging / "tokenizer").is_dir() and self.have:
+            store.download_dir(tokenizer, self.staging / "tokenizer")
+        (self.staging / "index.json").unlink(missing_ok=True)  # an earlier run's: never uploaded as this one's
+        for side in sorted(self.staging.glob("shard-*.json")):
+            shard = side.with_suffix(".tar")
+            if shard.name not in self.done and read_sidecar(shard) is not None:
+                self.push_shard(shard)
+
+    def scan(self) -> dict:
+        """The shards the store holds whole (their sidecar, the size it records, their checksums),
+        seen now: other slices of the job may have finished theirs. Returns the listing."""
+        store, objects = self.store, self.store.list_dir(self.url)
+        sidecars = [i for n, i in objects.items() if n.startswith("shard-") and n.endswith(".json")]
+        for rec in store.map_concurrently(lambda i: json.loads(store.read_bytes(i.url)), sidecars):
+            shard, sums = objects.get(rec.get("file", "")), rec.get("checksums")
+            if shard is not None and shard.size == rec.get("bytes") and (not sums or sums in objects):
+                self.done[rec["file"]] = rec
+        return objects
+
+    def finished(self, shard: Path) -> dict | None:
+        return read_sidecar(shard) or self.done.get(shard.name)
+
+    def _push_meta(self) -> None:
+        if self._meta_pushed:
+            return
+        files = [p for p in sorted((self.staging / "tokenizer").rglob("*")) if p.is_file()]
+        files += [p for p in [self.staging / "prepare_identity.json"] if p.is_file()]
+        for p in files:
+            name = p.relative_to(self.staging).as_posix()
+            if self.have.get(name) != p.stat().st_size:  # what the store has already stays as it is
+                self.store.upload_file(p, self.store.join(self.url, name))
+        self._meta_pushed = True
+
+    def push_shard(self, shard: Path) -> None:
+        """A finished shard up: the shard, its checksums, then its sidecar; then gone from staging."""
+        record = read_sidecar(shard)
+        self._push_meta()
+        files = [shard, checksums_path(shard), sidecar_path(shard)]
+        for p in files:
+            if p.is_file():
+                self.store.upload_file(p, self.store.join(self.url, p.name))
+        self.done[shard.name] = record
+        for p in files:
+            p.unlink(missing_ok=True)
+
+    def push_index(self) -> None:
+        self._push_meta()
+        for name in ("skipped.jsonl", "index.json"):  # the index last: with it the set exists
+            self.store.upload_file(self.staging / name, self.store.join(self.url, name))
+
+    def close(self) -> None:
+        if self.temporary:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
 def prepare_job(cfg: PrepareConfig) -> None:
     """`soda prepare`: tokenize audio, transcripts and text into packed WebDataset shards."""
     summary = prepare(cfg, progress=cfg.progress)
@@ -750,4 +862,4 @@ def prepare_job(cfg: PrepareConfig) -> None:
             "the last rank to finish writes index.json (or re-run this command)"
         )
     else:
-        print_summary(summary, Path(cfg.output))
+        print_summary(summary, cfg.output)

@@ -14,6 +14,11 @@ A shard's `.json` sidecar appears only after the shard is complete: a shard with
 unfinished. Beside each shard, `<shard>.crc32` holds one CRC-32 per sample (little-endian uint32,
 over the sample's array bytes): a flipped byte that still decodes to valid ids is caught on read.
 Sets written before checksums existed have none and are read unchecked.
+
+A set may also live on object storage (`s3://`, `gs://`, `hf://`: tokenization/object_store.py):
+`read_index` reads its index from there and keeps a copy in the set's local mirror, which becomes
+the index's `root` (where the small files are: index, checksum sidecars, tokenizer); `source` is
+the URL the messages name. The shards themselves are read in byte ranges (megatron_soda/data/remote.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +120,34 @@ def read_checksums(root: Path, record: dict) -> np.ndarray | None:
     return np.fromfile(path, dtype="<u4")
 
 
+def fetch_checksums(index: ShardIndex, records: list[dict]) -> dict[str, str]:
+    """A set on object storage: the checksum sidecars of `records`, read from the store (all at
+    once, concurrently) into the set's mirror, where `read_checksums` and the data fingerprint find
+    them; read at every open, so the mirror holds what the store holds now. Returns the problems
+    (a sidecar missing or not one checksum per sample), one line each, by shard file."""
+    from megatron_soda.tokenization import object_store
+
+    wanted = [r for r in records if r.get("checksums")]
+
+    def fetch(r: dict) -> str | None:
+        url = object_store.join(index.source, r["checksums"])
+        try:
+            data = object_store.read_bytes(url)
+        except object_store.ObjectMissing:
+            return f"{url}: checksums missing"
+        if len(data) != 4 * r["samples"]:
+            return f"{url}: {len(data) // 4} checksums, the index says {r['samples']} samples"
+        path = index.root / r["checksums"]
+        if not path.is_file() or path.read_bytes() != data:
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return None
+
+    found = object_store.map_concurrently(fetch, wanted)
+    return {r["file"]: p for r, p in zip(wanted, found, strict=True) if p}
+
+
 def index_entry(record: dict) -> dict:
     """The part of a shard's sidecar that the index keeps (statistics stay in the sidecar)."""
     keys = ("file", "key_prefix", "samples", "tokens", "pad_tokens", "bytes", "data_offset", "stride", "checksums")
@@ -141,12 +175,18 @@ def read_sidecar(shard: Path) -> dict | None:
 
 @dataclass
 class ShardIndex:
-    root: Path
+    root: Path  # the set's directory, or for a set on object storage its local mirror
     layout: SodaLayout
     seq_len: int
     dtype: np.dtype
     shards: list[dict]
     meta: dict
+    source: str = ""  # the URL of a set on object storage ("" for a local set)
+
+    @property
+    def where(self) -> str:
+        """The set as its user named it: the URL, or the directory."""
+        return self.source or str(self.root)
 
     @property
     def width(self) -> int:
@@ -169,9 +209,11 @@ class ShardIndex:
         return npy_header(self.width, self.dtype, self.rows)
 
     def check_compatible(self, layout: SodaLayout, seq_len: int | None = None) -> None:
-        layout.check_same(self.layout, f"shard set {self.root}")
+        layout.check_same(self.layout, f"shard set {self.where}")
         if seq_len is not None and seq_len != self.seq_len:
-            raise LayoutMismatchError(f"shard set {self.root} holds seq_len {self.seq_len} samples, expected {seq_len}")
+            raise LayoutMismatchError(
+                f"shard set {self.where} holds seq_len {self.seq_len} samples, expected {seq_len}"
+            )
 
 
 def write_index(root: Path, layout: SodaLayout, seq_len: int, shards: list[dict], meta: dict) -> Path:
@@ -192,13 +234,44 @@ def write_index(root: Path, layout: SodaLayout, seq_len: int, shards: list[dict]
     return path
 
 
-def read_index(root: str | Path) -> ShardIndex:
+def read_index(root: str | Path, cache_dir: str = "") -> ShardIndex:
+    """The index of a set: a directory (or its index.json), or a URL on object storage, whose
+    index is fetched and copied into its mirror under `cache_dir` (data.cache_dir)."""
+    if isinstance(root, str) and "://" in root:
+        return _read_remote_index(root, cache_dir)
     root = Path(root)
     path = root / INDEX_NAME if root.is_dir() else root
     if not path.is_file():
         raise ShardFormatError(f"{path}: no shard index (expected the output directory of `soda prepare`)")
+    return _parse_index(path.read_text(), str(path), path.parent)
+
+
+def _read_remote_index(url: str, cache_dir: str) -> ShardIndex:
+    from megatron_soda.tokenization import object_store
+
+    url = url.rstrip("/")
+    if url.endswith("/" + INDEX_NAME):
+        url = url[: -len(INDEX_NAME) - 1]
+    where = object_store.join(url, INDEX_NAME)
     try:
-        raw = json.loads(path.read_text())
+        raw = object_store.read_bytes(where)
+    except object_store.ObjectMissing:
+        raise ShardFormatError(f"{where}: no shard index (expected the output of `soda prepare`)") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ShardFormatError(f"{where}: not valid JSON (not UTF-8)") from None
+    mirror = object_store.mirror_dir(url, raw, cache_dir)
+    index = _parse_index(text, where, mirror, source=url)
+    mirror.mkdir(parents=True, exist_ok=True)
+    if not (mirror / INDEX_NAME).is_file():
+        atomic_write_text(mirror / INDEX_NAME, text)
+    return index
+
+
+def _parse_index(text: str, path: str, root: Path, source: str = "") -> ShardIndex:
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from None
     for key in ("version", "layout", "seq_len", "dtype", "shards"):
@@ -213,4 +286,4 @@ def read_index(root: str | Path) -> ShardIndex:
     if dtype != layout.storage_dtype:
         raise ShardFormatError(f"{path}: dtype {dtype} but the layout stores {layout.storage_dtype}")
     meta = {k: v for k, v in raw.items() if k not in ("shards",)}
-    return ShardIndex(path.parent, layout, int(raw["seq_len"]), dtype, raw["shards"], meta)
+    return ShardIndex(root, layout, int(raw["seq_len"]), dtype, raw["shards"], meta, source)

@@ -4,6 +4,10 @@ The loader yields one step's work at a time: this rank's micro-batches of a glob
 the micro-batch count, `config.num_micro_batches`). Its whole state is one integer,
 `consumed_samples`: step s uses global samples [s * global_batch, (s + 1) * global_batch), each DP
 rank its contiguous slice, and DataLoader workers fetch whole micro-batches.
+
+A mixture with a set on object storage also gets the rank's prefetcher (data/remote.py) for each
+iteration: it walks its own copy of this order data.prefetch_steps steps ahead into the local
+cache, so the order and consumed_samples are the same with or without it. Local sets start none.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from megatron_soda.data.mixture import PAD, MixtureDataset
 from megatron_soda.parallel.processes import die_with_parent
 
 log = logging.getLogger("soda")
+
+PREFETCH_FACTOR = 4  # micro-batches each DataLoader worker is asked for ahead of the consumer
 
 
 def _collated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,6 +49,7 @@ def split_batch(batch: dict[str, torch.Tensor], pad_input_id: int) -> dict[str, 
         "loss_mask": (valid[:, :-1] & valid[:, 1:] & ~prompt[:, 1:]).float(),
         "index": batch["index"],
         "corrupt": batch["corrupt"],
+        "source": batch["source"],
     }
 
 
@@ -105,7 +112,39 @@ class SodaDataLoader:
         self.consumed_samples = consumed_samples
         self.corrupt_samples = 0
         self.num_micro = num_micro_batches(global_batch_size, micro_batch_size, dp_size)
-        GlobalBatchSampler(0, micro_batch_size, global_batch_size, dp_rank, dp_size)  # validates the shape now
+        shape = GlobalBatchSampler(0, micro_batch_size, global_batch_size, dp_rank, dp_size)  # validates it now
+        self.prefetched = 0  # samples the prefetcher fetched from object storage ahead of the loader
+        self._prefetch = False
+        if any(s.remote is not None for s in dataset.sets):  # local sets: nothing of this
+            from megatron_soda.data.remote import prefetch_wanted
+
+            self._prefetch = prefetch_wanted(dataset, shape, self._lead)  # a cache too small: refused now
+
+    @property
+    def _lead(self) -> int:
+        """Samples of this rank the DataLoader's workers ask for ahead of the consumer (and fetch
+        themselves): where the prefetcher's window begins."""
+        return self.num_workers * PREFETCH_FACTOR * self.mbs
+
+    def _start_prefetch(self):
+        """The rank's prefetcher for an iteration from consumed_samples (None: no set on object
+        storage, prefetch off, or one already running for this dataset)."""
+        if not self._prefetch:
+            return None
+        from megatron_soda.data.remote import start_prefetch
+
+        order = GlobalBatchSampler(self.consumed_samples, self.mbs, self.gbs, self.dp_rank, self.dp_size)
+        return start_prefetch(self.dataset, order, lead=self._lead)
+
+    def _stop_prefetch(self, prefetch) -> None:
+        prefetch.close()  # no request of its runs after this
+        self.prefetched += prefetch.fetched
+        if self.dp_rank == 0 and prefetch.fetched:
+            log.info(
+                "data prefetcher: fetched %d samples from object storage ahead of the loader (%d were cached already)",
+                prefetch.fetched,
+                prefetch.found,
+            )
 
     def __iter__(self):
         sampler = GlobalBatchSampler(self.consumed_samples, self.mbs, self.gbs, self.dp_rank, self.dp_size)
@@ -115,14 +154,18 @@ class SodaDataLoader:
             num_workers=self.num_workers,
             persistent_workers=False,
             collate_fn=_collated,
-            prefetch_factor=4 if self.num_workers else None,
+            prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=functools.partial(_worker_init, os.getpid()),
         )
-        batches = iter(loader)
+        batches = iter(loader)  # the workers are forked here: before the prefetcher's threads exist
+        prefetch = None
         step: list[dict] = []
         try:
+            prefetch = self._start_prefetch()
             for batch in batches:
+                if prefetch is not None:
+                    prefetch.advance(len(batch["index"]))  # raises what broke the prefetcher (a bug)
                 self.corrupt_samples += int(batch["corrupt"].sum())
                 step.append(split_batch(batch, self.dataset.pad_input))
                 if len(step) == self.num_micro:
@@ -130,12 +173,16 @@ class SodaDataLoader:
                     yield step
                     step = []
         finally:
-            # on every way out (the loop closes this generator): the workers, which ignore SIGTERM,
-            # would otherwise be left to multiprocessing's exit handler, which SIGTERMs and joins them
-            # forever
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            # on every way out (the loop closes this generator): the prefetcher, and the workers,
+            # which ignore SIGTERM and would otherwise be left to multiprocessing's exit handler,
+            # which SIGTERMs and joins them forever
+            try:
+                if prefetch is not None:
+                    self._stop_prefetch(prefetch)
+            finally:
+                shutdown = getattr(batches, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "fingerprint": self.dataset.fingerprint()}

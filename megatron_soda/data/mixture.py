@@ -5,6 +5,11 @@ computed from the seed alone (a blend of the shard sets by weight, each set walk
 seeded Feistel permutation per epoch, as Marin/Levanter shuffle). So a resumed run, with any number
 of workers and also after a change of DP degree, sees exactly the samples an uninterrupted one
 would, and every sample of a set is seen exactly once per epoch of that set.
+
+A staged mixture (`data.stages`) changes the weights at step boundaries: stage k covers the global
+samples of its steps, blended by its own weights in blocks of its own, and each set's draws go on
+from where the earlier stages left them (no sample repeats early). So the source of every sample is
+still a function of its global index, and a resume mid-stage is exact.
 """
 
 from __future__ import annotations
@@ -75,11 +80,20 @@ def _block_counts(weights: np.ndarray, block: int) -> np.ndarray:
 class MixtureDataset(Dataset):
     """Global sample index -> training sample; stateless, so any worker can serve any index."""
 
-    def __init__(self, cfg: DataConfig, layout: SodaLayout | None = None, seq_len: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        layout: SodaLayout | None = None,
+        seq_len: int | None = None,
+        global_batch_size: int | None = None,
+    ) -> None:
+        """`global_batch_size`: what turns `data.stages` step boundaries into sample boundaries."""
         if not cfg.paths:
             raise ConfigError("data.paths: no shard sets given")
         self.cfg = cfg
-        self.sets = [ShardSet(p, cfg.skip_corrupt, cfg.verify_checksums) for p in cfg.paths]
+        self.sets = [
+            ShardSet(p, cfg.skip_corrupt, cfg.verify_checksums, cfg.cache_dir, cfg.cache_gb) for p in cfg.paths
+        ]
         first = self.sets[0].index
         for s in self.sets:
             s.index.check_compatible(layout or first.layout, seq_len or first.seq_len)
@@ -103,11 +117,69 @@ class MixtureDataset(Dataset):
         self.weights = np.asarray(weights, dtype=np.float64)
         self.block = cfg.blend_block
         self.counts = _block_counts(self.weights, self.block)
+        self.stages = self._stages(cfg, global_batch_size)  # [(first sample, end sample, counts)]
+        self._draws_before = self._draws_before_stages()
         self.pad_input = self.layout.eos_id
         self._fingerprints: dict[str, str] = {}
 
-    def describe(self) -> str:
-        """The mixture as trained, for the log (and a word when it was not asked for)."""
+    def _stages(self, cfg: DataConfig, global_batch_size: int | None) -> list[tuple[int, float, np.ndarray]]:
+        if not cfg.stages:
+            return [(0, float("inf"), self.counts)]
+        if global_batch_size is None:
+            raise ConfigError("data.stages: the mixture needs the global batch size to place the stage boundaries")
+        out, start, last = [], 0, 0
+        for i, st in enumerate(cfg.stages):
+            where = f"data.stages[{i}]"
+            if st.until_step <= last:
+                raise ConfigError(
+                    f"{where}.until_step {st.until_step}: stages must end in increasing steps, after {last}"
+                )
+            if len(st.weights) != len(self.sets) or any(w < 0 for w in st.weights) or sum(st.weights) <= 0:
+                raise ConfigError(
+                    f"{where}.weights {st.weights}: expected {len(self.sets)} non-negative weights (one per data.paths "
+                    "entry) with a positive sum"
+                )
+            end = st.until_step * global_batch_size
+            out.append((start, end, _block_counts(np.asarray(st.weights, dtype=np.float64), self.block)))
+            start, last = end, st.until_step
+        out[-1] = (out[-1][0], float("inf"), out[-1][2])  # the last stage's weights go on to the end
+        return out
+
+    def _draws_before_stages(self) -> list[np.ndarray]:
+        """Draws from each set made by the stages before each stage (whole blocks and the partial last)."""
+        before, out = np.zeros(len(self.sets), dtype=np.int64), []
+        for k, (start, end, counts) in enumerate(self.stages):
+            out.append(before.copy())
+            if end == float("inf"):
+                break
+            full, rest = divmod(int(end - start), self.block)
+            before += full * counts
+            if rest:
+                labels, _ = self._block(k, full)
+                before += np.bincount(labels[:rest], minlength=len(self.sets))
+        return out
+
+    def stage_of(self, g: int) -> int:
+        return next(k for k, (start, end, _) in enumerate(self.stages) if start <= g < end)
+
+    def sources(self, start: int, n: int) -> np.ndarray:
+        """The set each of the global samples start .. start + n - 1 is drawn from (the blend's labels
+        alone, no sample read): the realised shares of a global batch, the same on every rank."""
+        out = np.empty(n, dtype=np.int64)
+        for i, g in enumerate(range(start, start + n)):
+            k = self.stage_of(g)
+            b, o = divmod(g - self.stages[k][0], self.block)
+            out[i] = self._block(k, b)[0][o]
+        return out
+
+    def describe(self, stage: int | None = None) -> str:
+        """The mixture as trained (one stage's, with `stage`), for the log (and a word when it was not asked for)."""
+        if stage is not None or len(self.stages) > 1:
+            counts = self.stages[stage or 0][2]
+            parts = ", ".join(f"{n} {c / self.block:.1%}" for n, c in zip(self.names, counts, strict=True))
+            if stage is not None:
+                return parts
+            return f"{len(self.stages)} stages; first: {parts}"
         parts = ", ".join(f"{n} {c / self.block:.1%}" for n, c in zip(self.names, self.counts, strict=True))
         if self.by_size and len(self.sets) > 1:
             return f"{parts} (by size: data.weights not set; the paper's mixture is set in the soda-* presets)"
@@ -143,12 +215,16 @@ class MixtureDataset(Dataset):
             "seed": self.cfg.seed,
             "block": self.block,
         }
+        if self.cfg.stages:  # (an unstaged mixture keeps the identity it had before stages existed)
+            desc["stages"] = [[s, -1 if e == float("inf") else e, c.tolist()] for s, e, c in self.stages]
         return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
     @lru_cache(maxsize=4)  # noqa: B019 - a handful of blocks, bounded; workers hold their own copies
-    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = np.repeat(np.arange(len(self.sets)), self.counts)
-        np.random.default_rng([self.cfg.seed, b]).shuffle(labels)
+    def _block(self, stage: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        counts = self.stages[stage][2]
+        labels = np.repeat(np.arange(len(self.sets)), counts)
+        # stage 0's blocks are shuffled as an unstaged mixture's, so a mixture without stages keeps its order
+        np.random.default_rng([self.cfg.seed, b] if stage == 0 else [self.cfg.seed, stage, b]).shuffle(labels)
         rank_in_block = np.zeros(self.block, dtype=np.int64)
         for d in range(len(self.sets)):
             where = labels == d
@@ -157,10 +233,12 @@ class MixtureDataset(Dataset):
 
     def locate(self, g: int) -> tuple[int, int]:
         """Global index -> (set, sample within that set)."""
-        b, o = divmod(g, self.block)
-        labels, rank = self._block(b)
+        k = self.stage_of(g)
+        start, _, counts = self.stages[k]
+        b, o = divmod(g - start, self.block)
+        labels, rank = self._block(k, b)
         d = int(labels[o])
-        i = b * int(self.counts[d]) + int(rank[o])  # i-th draw from set d
+        i = int(self._draws_before[k][d]) + b * int(counts[d]) + int(rank[o])  # i-th draw from set d
         n = len(self.sets[d])
         epoch, j = divmod(i, n)
         return d, feistel_permute(j, n, _mix(self.cfg.seed * 1_000_003 + d * 7919 + epoch))
@@ -179,12 +257,15 @@ class MixtureDataset(Dataset):
         as -(id + 2), so the mask travels in the same tensor."""
         out = np.empty((len(indices), self.seq_len + 1), dtype=np.int32)
         corrupt = torch.zeros(len(indices), dtype=torch.bool)
-        for row, g in enumerate(indices):
-            d, k = self.locate(int(g))
+        located = [self.locate(int(g)) for g in indices]
+        for d, s in enumerate(self.sets):  # a set on object storage requests its samples together
+            s.fetch([k for dd, k in located if dd == d])
+        for row, (d, k) in enumerate(located):
             raw, mask, corrupt[row] = self.sets[d].read_masked(k)
             out[row] = raw
             if mask is not None:
                 prompt = mask == 0
                 out[row][prompt] = -out[row][prompt] - 2
             out[row][raw == self.sets[d].sentinel] = PAD
-        return {"sample": torch.from_numpy(out), "index": torch.tensor(indices), "corrupt": corrupt}
+        source = torch.tensor([d for d, _ in located], dtype=torch.int16)  # the set each sample came from
+        return {"sample": torch.from_numpy(out), "index": torch.tensor(indices), "corrupt": corrupt, "source": source}

@@ -66,7 +66,9 @@ AUTO_ON_GPU = {
     "rope": lambda cfg: True,
     "wgrad": lambda cfg: True,
     "adam": lambda cfg: True,
-    "cuda_graph": lambda cfg: cfg.model.hidden_size <= GRAPH_AUTO_MAX_HIDDEN and cfg.parallel.pp == 1,
+    "cuda_graph": lambda cfg: (
+        cfg.model.hidden_size <= GRAPH_AUTO_MAX_HIDDEN and cfg.parallel.pp == 1 and cfg.parallel.cp == 1
+    ),
 }
 
 
@@ -88,6 +90,8 @@ def resolve_fast_paths(cfg: SodaConfig, cuda: bool) -> FastPaths:
         if chosen["adam"] == "fused" and cfg.optim.adam_impl == "fused":
             raise ConfigError("optim.adam_impl fused cannot apply optim.cautious's mask: use foreach or auto")
         chosen["adam"] = "foreach"
+    if cfg.model.fp8 != "none" and not cuda:
+        raise ConfigError(f"model.fp8 {cfg.model.fp8} needs a GPU with FP8 tensor cores (the CPU backend runs fp32)")
     if chosen["cuda_graph"] != "none":
         where = "parallel.cuda_graph full_iteration"
         if not cuda:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -55,9 +55,77 @@ def _flash_attn():
         return None
 
 
+def _attend(q, k, v, scale, dropout: float, flash: bool) -> torch.Tensor:
+    """Causal attention of queries that are the LAST len(q) positions of the keys' span (megatron
+    layout [s, b, heads, head_dim]): the causal mask aligned bottom-right, so query i sees keys up to
+    len(k) - len(q) + i. flash-attn aligns it so for len(q) != len(k); SDPA's `is_causal` aligns
+    top-left, so it gets `causal_lower_right` (which dispatches to the flash / memory-efficient
+    kernels on GPU and is materialised for the math kernel on CPU)."""
+    if flash and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        t = (x.transpose(0, 1) for x in (q, k, v))  # [b, s, h, d]
+        return _flash_attn()(*t, dropout_p=dropout, softmax_scale=scale, causal=True).transpose(0, 1)
+    qb, kb, vb = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [b, h, s, d]
+    gqa = qb.shape[1] != kb.shape[1]
+    if qb.shape[2] == kb.shape[2]:
+        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(qb.shape[2], kb.shape[2])
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    return out.permute(2, 0, 1, 3)
+
+
+def cp_chunk_order(cp: int) -> list[int]:
+    """Where each of the 2 x CP sequence chunks sits in the rank-ordered all-gather of local chunks:
+    rank r holds chunks r and 2cp - 1 - r (an early and a late one, so causal attention's work is
+    balanced, as megatron-core's get_batch_on_this_cp_rank splits a batch)."""
+    return [2 * c if c < cp else 2 * (2 * cp - 1 - c) + 1 for c in range(2 * cp)]
+
+
+_CHUNK_IDS: dict = {}
+
+
+def _chunk_ids(cp: int, device) -> torch.Tensor:
+    """`cp_chunk_order` as an index on the device, made once (no host-to-device copy per layer)."""
+    key = (cp, str(device))
+    if key not in _CHUNK_IDS:
+        _CHUNK_IDS[key] = torch.tensor(cp_chunk_order(cp), device=device)
+    return _CHUNK_IDS[key]
+
+
+def context_parallel_attention(query, key, value, scale, dropout: float, flash: bool, group) -> torch.Tensor:
+    """Causal attention over a sequence split across the CP group: K and V are all-gathered along the
+    sequence (cheap with GQA: 8 KV heads at most in the presets), put back in sequence order, and each
+    of this rank's two query chunks attends to the keys up to its own end. The all-gather's backward
+    reduce-scatters, so dK and dV return to the ranks that own those positions. All-gather rather
+    than a ring: one collective each way per layer with no softmax merging (SDPA does not return the
+    log-sum-exp a ring needs), at a memory cost: autograd keeps each layer's gathered K/V (the
+    prefixes SDPA saves) until that layer's backward; `parallel.recompute selective` recomputes them
+    instead (the all-gather then runs again in backward, in the same order on every rank)."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    cp, r = group.size(), group.rank()
+    L = query.shape[0] // 2
+    ids = _chunk_ids(cp, key.device)
+
+    def gathered(t):
+        full = gather_from_sequence_parallel_region(t, True, group=group)
+        return full.view(2 * cp, L, *t.shape[1:]).index_select(0, ids).flatten(0, 1)
+
+    k, v = gathered(key), gathered(value)
+    outs = [
+        _attend(query[i * L : (i + 1) * L], k[: (c + 1) * L], v[: (c + 1) * L], scale, dropout, flash)
+        for i, c in enumerate((r, 2 * cp - 1 - r))
+    ]
+    return torch.cat(outs, 0)
+
+
 class SDPAttention(MegatronModule):
     """Causal core attention through torch SDPA (flash / cuDNN / memory-efficient kernels on GPU,
-    the math kernel on CPU), or flash-attn's kernel when installed and asked for."""
+    the math kernel on CPU), or flash-attn's kernel when installed and asked for; with context
+    parallelism (`parallel.cp` > 1), over the sequence split across the CP group
+    (`context_parallel_attention`): megatron-core's own local attention refuses CP without TE."""
 
     def __init__(
         self,
@@ -82,15 +150,11 @@ class SDPAttention(MegatronModule):
     ):
         # megatron layout [s, b, heads, head_dim]
         p = self.dropout if self.training else 0.0
-        if self.use_flash_attn and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-            q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
-            out = _flash_attn()(q, k, v, dropout_p=p, softmax_scale=self.scale, causal=True)
-            out = out.transpose(0, 1)
+        if self.config.context_parallel_size > 1:
+            group = ps.get_context_parallel_group()
+            out = context_parallel_attention(query, key, value, self.scale, p, self.use_flash_attn, group)
         else:
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-            gqa = q.shape[1] != k.shape[1]
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale, enable_gqa=gqa)
-            out = out.permute(2, 0, 1, 3)
+            out = _attend(query, key, value, self.scale, p, self.use_flash_attn)
         s, b = out.shape[:2]
         return out.reshape(s, b, -1)
 
@@ -129,6 +193,66 @@ class SodaOutputLayer(ColumnParallelLinear):
         if self.sequence_parallel:
             return gather_from_sequence_parallel_region(input_, group=self.tp_group), None
         return input_, None
+
+
+class _Fp8Linear:
+    """The FP8 seam of the transformer layers' linears (`model.fp8 tensorwise`): megatron-core's
+    Column/RowParallelLinear compute through `_forward_impl` (its
+    linear_with_grad_accumulation_and_async_allreduce); here the same arguments go to
+    kernels/fp8.py's linear, whose three GEMMs run on scaled FP8 operands with the same
+    communication (SP all-gather / reduce-scatter, d(input) all-reduce) and main_grad protocol.
+    Parameters, init and checkpoint keys are megatron's. `fp8_parallel` says which operands are
+    split over TP (their amax is all-reduced there). A frozen weight keeps megatron's path."""
+
+    fp8_parallel = "column"
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if not weight.requires_grad:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        from megatron_soda.kernels.fp8 import fp8_linear
+
+        return fp8_linear(
+            input,
+            weight,
+            kwargs.get("bias"),
+            parallel=self.fp8_parallel,
+            group=self.tp_group,
+            sequence_parallel=bool(kwargs.get("sequence_parallel")),
+            allreduce_dgrad=bool(kwargs.get("allreduce_dgrad")),
+            into_main_grad=bool(kwargs.get("gradient_accumulation_fusion")),
+        )
+
+
+class Fp8ColumnParallelLinear(_Fp8Linear, ColumnParallelLinear):
+    fp8_parallel = "column"
+
+
+class Fp8RowParallelLinear(_Fp8Linear, RowParallelLinear):
+    fp8_parallel = "row"
+
+
+FP8_CLASSES = {ColumnParallelLinear: Fp8ColumnParallelLinear, RowParallelLinear: Fp8RowParallelLinear}
+
+
+def fp8_linears(model) -> int:
+    """Re-class the decoder's QKV / projection / MLP linears of a model chunk to their FP8 subclasses
+    in place (the embedding and the output layer live outside the decoder and stay bf16); returns
+    how many. Each weight's dimensions on this rank must be multiples of 16 (torch._scaled_mm)."""
+    from megatron_soda.kernels.fp8 import ALIGN
+
+    n = 0
+    for name, mod in getattr(model, "decoder", model).named_modules():
+        cls = FP8_CLASSES.get(type(mod))
+        if cls is None:
+            continue
+        if any(d % ALIGN for d in mod.weight.shape):
+            raise ConfigError(
+                f"model.fp8 tensorwise: {name} has a [{mod.weight.shape[0]}, {mod.weight.shape[1]}] weight on this "
+                f"rank; FP8 GEMMs need both dimensions multiples of {ALIGN}"
+            )
+        mod.__class__ = cls
+        n += 1
+    return n
 
 
 def output_weight(model) -> torch.Tensor:
@@ -178,6 +302,7 @@ def transformer_config(
         init_method_std=std,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
+        context_parallel_size=p.cp,  # RoPE takes this rank's chunks of the full-length table
         virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
@@ -208,12 +333,14 @@ def _have_te() -> bool:
         return False
 
 
-def layer_impl(m: ModelConfig, cuda: bool) -> str:
+def layer_impl(m: ModelConfig, cuda: bool, cp: int = 1) -> str:
+    """`auto` takes Transformer Engine when installed on a GPU, except under context parallelism, whose
+    attention is our own seam in the local layers (config.validate refuses an explicit TE with CP)."""
     if m.transformer_impl == "transformer_engine":
         if not (_have_te() and cuda):
             raise ConfigError("model.transformer_impl transformer_engine needs Transformer Engine and a GPU")
         return "transformer_engine"
-    if m.transformer_impl == "auto" and _have_te() and cuda:
+    if m.transformer_impl == "auto" and _have_te() and cuda and cp == 1:
         return "transformer_engine"
     return "local"
 
@@ -241,7 +368,7 @@ def build_model(
     `fp`: the resolved implementation of each seam (model/fast_paths.py; default: torch's)."""
     fp = fp or FastPaths()
     config = transformer_config(m, p, dtype, cpu=not cuda, fp=fp)
-    impl = layer_impl(m, cuda)
+    impl = layer_impl(m, cuda, p.cp)
     flash = False
     if impl == "local":
         want_flash = m.attention_backend in ("auto", "flash_attn")
@@ -251,6 +378,16 @@ def build_model(
         path = "local spec, " + ("flash-attn" if flash else "torch SDPA") + " attention"
     else:
         path = "Transformer Engine spec"
+    if m.fp8 != "none":
+        if impl != "local":
+            raise ConfigError(
+                "model.fp8 tensorwise is built into the local spec's linears: use model.transformer_impl local"
+            )
+        if cuda and torch.cuda.get_device_capability() < (8, 9):
+            raise ConfigError(
+                f"model.fp8 tensorwise needs FP8 tensor cores (compute capability 8.9+): {torch.cuda.get_device_name()}"
+            )
+        path += ", FP8 (tensorwise) linears"
     chunks = []
     stages = range(p.vpp) if p.vpp > 1 else [None]
     for v in stages:
@@ -284,6 +421,8 @@ def build_model(
                 raise TypeError(f"unexpected output layer class {type(model.output_layer).__name__}")
             model.output_layer.__class__ = SodaOutputLayer
             model.output_layer.defer_to_loss = fp.fused_output
+        if m.fp8 != "none":
+            fp8_linears(model)
         if cuda:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -27,12 +27,16 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """device="cuda" in factories and .to() becomes "cpu"; Tensor.cuda() is the identity."""
+    """device="cuda" in factories and .to() becomes "cpu"; Tensor.cuda() is the identity; and
+    pin_memory=True is dropped (the CPU build refuses it: "requires a CUDA or other accelerator
+    backend"; megatron-core's RoPE slicing for context parallelism asks for it)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         name = getattr(func, "__name__", "")
         if name == "to" and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])

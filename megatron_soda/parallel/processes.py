@@ -98,6 +98,20 @@ def rank_env(nproc: int, base: dict | None = None) -> dict:
     return env
 
 
+# What a launcher tells its ranks: a helper a rank starts (an export child) is not one of them.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def standalone_env() -> dict:
+    """This process's environment without the launcher's rank variables (torchrun's, SLURM's): for
+    a child that must start a process group of its own."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_VARS and not k.startswith(("TORCHELASTIC_", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"))
+    }
+
+
 def run_forwarding(cmd: list[str], env: dict, **kw) -> int:
     """Run the child to its end, passing it the signals a scheduler or a user sends this process:
     this wrapper is what they see, and the ranks must get the chance to save, not be orphaned."""
@@ -116,3 +130,22 @@ def run_forwarding(cmd: list[str], env: dict, **kw) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def spec_main(run, what: str, argv: list[str] | None = None) -> int:
+    """The `main` of a rank process that its launcher hands one JSON spec file (`soda bench train`'s
+    variants, `soda plan`'s count run): logging and library warnings as in training, the spec read,
+    and every way out through the one error printer (a UserError one line per rank)."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from megatron_soda.config import quiet_library_warnings, report_error
+
+    logging.basicConfig(level=logging.WARNING)
+    quiet_library_warnings()
+    (spec_file,) = sys.argv[1:] if argv is None else argv
+    try:
+        return run(json.loads(Path(spec_file).read_text()))
+    except BaseException as e:  # noqa: BLE001 - the one printer decides what to show
+        return report_error(e, what, int(os.environ["RANK"]) if "RANK" in os.environ else None)

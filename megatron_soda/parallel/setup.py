@@ -52,9 +52,10 @@ def init_distributed(device: str) -> None:
 
 
 def setup_parallel(cfg: SodaConfig, graph_safe_rng: bool = False) -> int:
-    """Process groups for TP x PP x DP and the seeded RNG trackers of a validated config; returns
-    the DP degree. `graph_safe_rng`: CUDA graphs need megatron's graph-safe tracker (generator
-    objects a graph can register) from the start."""
+    """Process groups for TP x PP x CP x DP (megatron-core's order tp-cp-ep-dp-pp: CP peers sit TP
+    ranks apart, inside a node) and the seeded RNG trackers of a validated config; returns the DP
+    degree. `graph_safe_rng`: CUDA graphs need megatron's graph-safe tracker (generator objects a
+    graph can register) from the start."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -64,6 +65,7 @@ def setup_parallel(cfg: SodaConfig, graph_safe_rng: bool = False) -> int:
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
+        context_parallel_size=p.cp,
     )
     torch.manual_seed(cfg.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed, use_cudagraphable_rng=graph_safe_rng)
@@ -90,6 +92,7 @@ def rank_layout() -> list[dict]:
         "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "cp_rank": ps.get_context_parallel_rank(),
         "dp_rank": ps.get_data_parallel_rank(),
     }
     everyone: list = [None] * dist.get_world_size()
@@ -99,9 +102,9 @@ def rank_layout() -> list[dict]:
 
 def tp_groups_across_nodes(layout: list[dict]) -> list[list[int]]:
     """The tensor-parallel groups (as rank lists) whose ranks are not all on one node."""
-    groups: dict[tuple[int, int], list[dict]] = {}
+    groups: dict[tuple[int, int, int], list[dict]] = {}
     for r in layout:
-        groups.setdefault((r["pp_rank"], r["dp_rank"]), []).append(r)
+        groups.setdefault((r["pp_rank"], r.get("cp_rank", 0), r["dp_rank"]), []).append(r)
     return [[r["rank"] for r in g] for g in groups.values() if len({r["node"] for r in g}) > 1]
 
 

@@ -19,17 +19,23 @@ if TYPE_CHECKING:
     from megatron_soda.tokenization.vocab import SodaLayout
 
 
+VERIFY_BLOCK = 1024  # samples requested together from object storage (coalesced into a few range requests)
+
+
 def verify_set(path: str) -> int:
-    """Read every sample (header, ids, checksum); print each bad one; a UserError when any is bad."""
+    """Read every sample (header, ids, checksum); print each bad one; a UserError when any is bad.
+    A set on object storage is read from the store itself, never from a local cache."""
     from tqdm import tqdm
 
     from megatron_soda.data.shard_set import ShardReadError, ShardSet
 
-    s = ShardSet(path, skip_corrupt=True)  # skip_corrupt: go on past a bad sample, counting it
+    s = ShardSet(path, skip_corrupt=True, cache_gb=0)  # skip_corrupt: go on past a bad sample, counting it
     bad = list(s.skipped_shards)
     for problem in bad:
         print(f"bad shard: {problem}")
     for k in tqdm(range(len(s)), desc="verify", unit="sample", mininterval=2):
+        if k % VERIFY_BLOCK == 0:
+            s.fetch(list(range(k, min(k + VERIFY_BLOCK, len(s)))))
         if s.read_masked(k)[2]:
             bad.append(s.last_problem)
             print(f"bad sample: {s.last_problem}")
@@ -76,7 +82,7 @@ def inspect(path: str, num_samples: int = 3, chars: int = 300) -> None:
     meta, layout = idx.meta, idx.layout
     summary = meta.get("summary", {})
     print(
-        f"shard set {idx.root}: {len(idx.shards)} shards, {idx.num_samples} samples of {idx.seq_len}+1 tokens, "
+        f"shard set {idx.where}: {len(idx.shards)} shards, {idx.num_samples} samples of {idx.seq_len}+1 tokens, "
         f"{idx.num_tokens:,} tokens"
     )
     print(
@@ -95,6 +101,10 @@ def inspect(path: str, num_samples: int = 3, chars: int = 300) -> None:
             f"audio tokens {counts.get('audio_tokens', 0):,}, skipped {sum(summary.get('skipped', {}).values())}"
         )
     tok_dir = idx.root / meta.get("tokenizer", {}).get("path", "tokenizer")
+    if idx.source and not tok_dir.is_dir():  # a set on object storage: its tokenizer copied into the mirror
+        from megatron_soda.tokenization.object_store import download_dir, join
+
+        download_dir(join(idx.source, meta.get("tokenizer", {}).get("path", "tokenizer")), tok_dir)
     tokenizer = load_tokenizer(str(tok_dir))
     frame_rate = float(codec.get("frame_rate", MIMI_FRAME_RATE))
     for k in range(min(num_samples, len(shards))):
@@ -110,7 +120,12 @@ def inspect(path: str, num_samples: int = 3, chars: int = 300) -> None:
 
 @dataclass
 class InspectConfig:
-    path: str = field(metadata={"positional": True, "help": "a `soda prepare` output, or a run dir / checkpoint"})
+    path: str = field(
+        metadata={
+            "positional": True,
+            "help": "a `soda prepare` output (path, or s3:// gs:// hf:// URL), or a run dir / checkpoint",
+        }
+    )
     samples: int = 3
     chars: int = field(default=300, metadata={"help": "characters of each decoded sample to print"})
     verify: bool = field(default=False, metadata={"help": "read every sample of the set and check its checksum"})
@@ -118,9 +133,10 @@ class InspectConfig:
 
 def inspect_job(cfg: InspectConfig) -> None:
     """`soda inspect`: a shard set (decode a few samples) or a checkpoint (config, shapes)."""
-    if not Path(cfg.path).exists():
+    remote = "://" in cfg.path  # a shard set on object storage (s3://, gs://, hf://)
+    if not remote and not Path(cfg.path).exists():
         raise UserError(f"{cfg.path}: no such shard set, run directory or checkpoint")
-    if (Path(cfg.path) / "index.json").is_file():
+    if remote or (Path(cfg.path) / "index.json").is_file():
         if cfg.verify:
             verify_set(cfg.path)
             return

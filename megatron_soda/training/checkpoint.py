@@ -24,22 +24,34 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_soda.config import ConfigError, SodaConfig, save_config
-from megatron_soda.training.run_dir import CheckpointError, check_run_dir, ckpt_root, latest
+from megatron_soda.training.run_dir import CheckpointError, check_run_dir, checkpoint_dir, ckpt_root
+from megatron_soda.training.snapshots import HFSnapshots
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 log = logging.getLogger("soda")
 
 
-def _layout() -> tuple[int, int, int]:
+def _layout() -> tuple[int, int, int, int]:
+    """(PP, TP, CP, DP) of this run: a checkpoint saved under the same restores each rank's RNG."""
     return (
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_tensor_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
         ps.get_data_parallel_world_size(),
     )
 
 
-def _rng_object() -> ShardedObject:
-    pp, tp, dp = _layout()
+def _saved_layout(common: dict) -> tuple[int, ...]:
+    """A checkpoint's layout as (PP, TP, CP, DP); checkpoints from before context parallelism have (PP, TP, DP)."""
+    saved = tuple(common.get("layout", ()))
+    return (saved[0], saved[1], 1, saved[2]) if len(saved) == 3 else saved
+
+
+def _rng_object(axes: int = 4) -> ShardedObject:
+    """Each rank's RNG states, one shard per (PP, TP, CP, DP) coordinate (CP ranks are distinct
+    processes, so CP is an axis: two CP ranks with one key would be duplicates); `axes` 3 reads a
+    checkpoint from before CP."""
+    pp, tp, cp, dp = _layout()
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
@@ -51,29 +63,34 @@ def _rng_object() -> ShardedObject:
     offset = (
         ps.get_pipeline_model_parallel_rank(),
         ps.get_tensor_model_parallel_rank(),
+        ps.get_context_parallel_rank(),
         ps.get_data_parallel_rank(),
     )
-    return ShardedObject("rng_state", state, (pp, tp, dp), offset, replica_id=0)
+    if axes == 3:
+        return ShardedObject("rng_state", state, (pp, tp, dp), offset[:2] + offset[3:], replica_id=0)
+    return ShardedObject("rng_state", state, (pp, tp, cp, dp), offset, replica_id=0)
 
 
 def _model_sd(chunks) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def sharded_state(chunks, optimizer, is_loading: bool, with_rng: bool) -> dict:
+def sharded_state(chunks, optimizer, is_loading: bool, with_rng: bool, rng_axes: int = 4) -> dict:
     model_sd = _model_sd(chunks)
     state = dict(model_sd)
     if optimizer is not None:  # it finds its params' shards by walking the nested model dicts
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
     if with_rng:
-        state["rng_state"] = _rng_object()
+        state["rng_state"] = _rng_object(rng_axes)
     return state
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep_last: int, async_save: bool) -> None:
+    def __init__(self, run_dir: str | Path, keep_last: int, async_save: bool, protected=lambda: set()) -> None:
+        """`protected`: names of checkpoints to keep from pruning for now (an HF export reads them)."""
         self.root = ckpt_root(run_dir)
         self.keep_last = keep_last
+        self.protected = protected
         self.async_queue = None
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -157,8 +174,9 @@ class Checkpointer:
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
         latest = (self.root / "latest").read_text().strip() if (self.root / "latest").is_file() else None
+        keep = self.protected()
         for old in done[: max(0, len(done) - max(1, self.keep_last))]:
-            if old.name != latest:  # what a resume reads is never pruned
+            if old.name != latest and old.name not in keep:  # what a resume or an export reads stays
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".iter_*.tmp"):  # saves a crash interrupted; none is in flight now
             shutil.rmtree(stale, ignore_errors=True)
@@ -239,8 +257,9 @@ def load(path: Path, chunks, optimizer) -> dict:
     common = common_state(path)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
-    same_layout = tuple(common.get("layout", ())) == _layout()
-    request = sharded_state(chunks, optimizer, is_loading=True, with_rng=same_layout)
+    same_layout = _saved_layout(common) == _layout()
+    axes = len(common.get("layout", ())) or 4
+    request = sharded_state(chunks, optimizer, is_loading=True, with_rng=same_layout, rng_axes=axes)
     loaded = read_checkpoint(path, "tensors", lambda: dist_checkpointing.load(request, str(path)))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded[f"model{i}"], strict=True)
@@ -337,17 +356,9 @@ def read_checkpoint(path: Path, what: str, fn):
 
 
 def resolve(path: str | Path) -> Path:
-    """A run directory, its checkpoints/ directory or one iter_* directory -> that checkpoint."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if (path / "latest").exists() and path.name == "checkpoints":  # a run directory's: the same checks as a resume
-        found = latest(path.parent)
-        path = found if found is not None else path
-    elif (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
+    """A run directory, its checkpoints/ directory or one iter_* directory -> that checkpoint,
+    its metadata checked (the allow-listing unpickler, every shard file present)."""
+    path = checkpoint_dir(path)
     check_metadata(path)
     return path
 
@@ -398,13 +409,18 @@ class CheckpointManager:
     def __init__(self, cfg: SodaConfig, trainer, loader, integrity) -> None:
         self.cfg, self.trainer, self.loader, self.integrity = cfg, trainer, loader, integrity
         c = cfg.checkpoint
-        self.writer = Checkpointer(cfg.run_dir, c.keep_last, c.async_save)
+        self.snapshots = HFSnapshots(Path(cfg.run_dir), c.hf_interval, trainer.rank0)
+        self.writer = Checkpointer(cfg.run_dir, c.keep_last, c.async_save, protected=self.snapshots.in_use)
         self.last_saved: Path | None = None
 
     def load_latest(self) -> Path | None:
-        """Resume from the run directory's `latest` (returns it), else load `init_from` weights."""
+        """Resume from the run directory's `latest` (returns it), else branch from `branch_from` or
+        load `init_from` weights."""
         c = self.cfg.checkpoint
-        path = check_run_dir(Path(self.cfg.run_dir), c.resume)
+        path = check_run_dir(Path(self.cfg.run_dir), c.resume, c.branch_from)
+        if path is None and c.branch_from:
+            self._branch(resolve(c.branch_from))
+            return None
         if path is None:
             if c.init_from:
                 load_weights(c.init_from, self.trainer.modules)
@@ -426,19 +442,44 @@ class CheckpointManager:
             )
         return path
 
+    def _branch(self, src: Path) -> None:
+        """Weights, optimizer state and step from another run's checkpoint (only read: the source run
+        is never written to); the data position starts at 0 on this run's mixture."""
+        common = common_state(src)
+        check_same_model(self.cfg, common, src)
+        if self.cfg.train.steps <= int(common["step"]):
+            raise ConfigError(
+                f"checkpoint.branch_from {src} is at step {common['step']}: train.steps {self.cfg.train.steps} "
+                "must go past it (the branch counts on from there)"
+            )
+        load(src, self.trainer.modules, self.trainer.optimizer)
+        self.trainer.load_branch_state(common)
+        if self.trainer.rank0:
+            log.info(
+                "branched from %s at step %d: weights, optimizer state and step taken; this run's LR schedule and "
+                "mixture from here, its data position at 0 (source run untouched)",
+                src,
+                self.trainer.step,
+            )
+
     def maybe_save(self, step: int, force: bool = False) -> Path | None:
-        """Save at `checkpoint.save_interval` steps, or now when `force` (the last step, a stop)."""
+        """Save at `checkpoint.save_interval` steps, at `checkpoint.hf_interval` steps (then also
+        exported to RUN_DIR/hf/ in the background), or now when `force` (the last step, a stop)."""
         self.writer.poll()
-        interval = self.cfg.checkpoint.save_interval
-        if not (force or (interval and step % interval == 0)):
+        interval, snapshot = self.cfg.checkpoint.save_interval, self.snapshots.due(step)
+        if not (force or snapshot or (interval and step % interval == 0)):
             return None
         data = {**self.loader.state_dict(), **self.integrity.state_dict()}
         common = {**self.trainer.state_dict(), "data": data, "config": self.cfg.to_dict()}
         self.last_saved = self.writer.save(step, self.trainer.modules, self.trainer.optimizer, common)
         if self.trainer.rank0:
             save_config(self.cfg, self.writer.root / "config.yaml")
+        if snapshot:
+            self.writer.poll(blocking=True)  # an async save is complete before its export reads it
+            self.snapshots.start(step, self.last_saved)
         return self.last_saved
 
     def finish(self) -> None:
-        """Wait for an async save in flight."""
+        """Wait for an async save and the HF snapshots in flight."""
         self.writer.poll(blocking=True)
+        self.snapshots.finish()

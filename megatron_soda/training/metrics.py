@@ -60,6 +60,33 @@ def _step(line: str) -> int | None:
         return None
 
 
+class MixtureMetrics:
+    """Which mixture stage each step is in and what share of its global batch each source had (the
+    realised proportions, against the stage's weights), in the row; the log says when a stage begins.
+    Both come from the data position (the loader's consumed samples), not the trainer's step: a branch
+    starts its data at 0, so its stages count its own steps. The shares are the mixture's labels of
+    the step's global samples, computed on the host alike on every rank: no collective, no GPU sync."""
+
+    def __init__(self, dataset, global_batch_size: int, rank0: bool) -> None:
+        self.dataset, self.gbs, self.rank0 = dataset, global_batch_size, rank0
+        self.stage = None
+
+    def process(self, row: dict, consumed_samples: int, step: int) -> None:
+        import numpy as np
+
+        first = consumed_samples - self.gbs  # the step's first global sample
+        stage = self.dataset.stage_of(first)
+        staged = len(self.dataset.stages) > 1
+        if staged:
+            row["data_stage"] = stage
+        counts = np.bincount(self.dataset.sources(first, self.gbs), minlength=len(self.dataset.sets))
+        for name, c in zip(self.dataset.names, counts.tolist(), strict=True):
+            row[f"data_{name}"] = c / self.gbs
+        if stage != self.stage and self.rank0 and staged:
+            log.info("step %d: mixture stage %d: %s", step, stage, self.dataset.describe(stage))
+        self.stage = stage
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, cfg: SodaConfig, enabled: bool, start_step: int = 0) -> None:
         """`start_step`: the step training resumes after; rows logged past it by the interrupted run

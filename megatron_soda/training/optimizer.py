@@ -158,6 +158,6 @@ def build_scheduler(cfg: SodaConfig, optimizer):
         end_wd=o.weight_decay,
         wd_incr_steps=steps,
         wd_incr_style="constant",
-        wsd_decay_steps=int(round(o.decay_fraction * steps)) if o.schedule == "wsd" else None,
+        wsd_decay_steps=(o.decay_steps or int(round(o.decay_fraction * steps))) if o.schedule == "wsd" else None,
         lr_wsd_decay_style="linear" if o.schedule == "wsd" else None,
     )

@@ -65,7 +65,24 @@ def latest(run_dir: str | Path) -> Path | None:
     return path
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+def checkpoint_dir(path: str | Path) -> Path:
+    """A run directory, its checkpoints/ directory or one iter_* directory -> that checkpoint's
+    directory (a run directory's through `latest`, with a resume's checks). Files only: what
+    `soda train` checks of `checkpoint.branch_from` before any rank starts."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / "latest").exists() and path.name == "checkpoints":
+        found = latest(path.parent)
+        path = found if found is not None else path
+    elif (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
+    return path
+
+
+def check_run_dir(run_dir: Path, resume: bool, branch_from: str = "") -> Path | None:
     """A run may start or resume in `run_dir`: a writable directory whose checkpoints, if any, a
     resume leads to (returns the checkpoint `latest` names). Called by `soda train` before any rank
     starts and on every rank (a refusal must not leave the others waiting at a barrier)."""
@@ -75,12 +92,20 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--run-dir {run_dir}: {existing} is not writable")
     if resume:
-        return latest(run_dir)
+        found = latest(run_dir)
+        if found is not None or not branch_from:
+            return found
+    if branch_from:
+        src = checkpoint_dir(branch_from)
+        if run_dir.resolve() in (src.resolve(), *src.resolve().parents):
+            raise CheckpointError(f"checkpoint.branch_from {src} is inside --run-dir {run_dir}: a branch needs its own")
     done = complete_checkpoints(ckpt_root(run_dir))
     if done:
+        what = "a branch" if branch_from else "a new run"
+        why = "" if branch_from else "checkpoint.resume is false but "
         raise CheckpointError(
-            f"checkpoint.resume is false but {run_dir} holds checkpoints ({done[-1].name} ...): a new run there would "
-            "overwrite them; train in another --run-dir"
+            f"{why}{run_dir} holds checkpoints ({done[-1].name} ...): {what} there would overwrite them; "
+            "train in another --run-dir"
         )
     return None
 
@@ -105,14 +130,25 @@ def record_run(cfg: SodaConfig, trainer, dataset) -> None:
         log.warning("tensor-parallel group %s spans nodes: its all-reduces cross the network", group)
     counts = param_counts(cfg.model)
     log.info(
-        "model %s: %.1fM non-embedding, %.1fM label (non-emb + 1 embedding), %.1fM total; TP %d PP %d DP %d",
+        "model %s: %.1fM non-embedding, %.1fM label (non-emb + 1 embedding), %.1fM total; TP %d PP %d CP %d DP %d",
         cfg.model.name,
         counts["non_embedding"] / 1e6,
         counts["label"] / 1e6,
         counts["total"] / 1e6,
         cfg.parallel.tp,
         cfg.parallel.pp,
+        cfg.parallel.cp,
         trainer.dp,
+    )
+    from megatron_soda.model.flops import flops_per_token
+
+    seq = cfg.train.seq_length
+    log.info(
+        "training FLOPs per token at %d tokens: %.3g with attention over the full score matrix (the paper's MFU), "
+        "%.3g over the causal half the kernels compute (mfu_causal)",
+        seq,
+        flops_per_token(cfg.model, seq),
+        flops_per_token(cfg.model, seq, causal=True),
     )
     log.info(
         "peak LR %g (the paper's rule 0.003 x sqrt(batch %d / 256) x sqrt(1024 / width %d) gives %g)",

@@ -53,7 +53,7 @@ def train_job(cmd: TrainCommand, overrides: dict) -> int:
     cfg = resolve(cmd, overrides)
     validate(cfg, world_size(cmd.nproc))
     check_data(cfg)
-    check_run_dir(Path(cfg.run_dir), cfg.checkpoint.resume)
+    check_run_dir(Path(cfg.run_dir), cfg.checkpoint.resume, cfg.checkpoint.branch_from)
     return start(cfg, cmd.nproc, max_restarts=cmd.max_restarts)
 
 
@@ -65,9 +65,15 @@ def check_data(cfg: SodaConfig) -> None:
     for key, paths in (("data.paths", cfg.data.paths), ("data.val_paths", cfg.data.val_paths)):
         for p in paths:
             try:
-                layout = read_index(p).layout
+                index = read_index(p, cfg.data.cache_dir)
             except UserError as e:
                 raise ConfigError(f"{key}: {e}") from None
+            layout = index.layout
+            if index.seq_len != cfg.train.seq_length:
+                raise ConfigError(
+                    f"train.seq_length {cfg.train.seq_length} but the shards of {p} hold {index.seq_len}-token "
+                    f"samples: train at {index.seq_len}, or prepare them with --seq-len {cfg.train.seq_length}"
+                )
             if cfg.model.vocab_size and cfg.model.vocab_size != layout.vocab_size:
                 raise ConfigError(
                     f"model.vocab_size {cfg.model.vocab_size} but the shards of {p} use a {layout.vocab_size}-id "

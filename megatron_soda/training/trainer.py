@@ -121,7 +121,7 @@ class Trainer:
             self.train_schedule = FullCudaGraphWrapper(
                 self.eval_schedule, cuda_graph_warmup_steps=CUDA_GRAPH_WARMUP_STEPS
             )
-        self.stats = StepStats(layout)
+        self.stats = StepStats(layout, cfg.train.seq_length, cfg.train.position_bucket)
         self.forward_step = make_forward_step(cfg, layout, device, fp)
         self.nan_forward_step = make_forward_step(cfg, layout, device, fp, inject_nan=True)
         from megatron.core import parallel_state as ps
@@ -173,8 +173,9 @@ class Trainer:
             row["grad_sync_s"] = self.grad_sync_s
         return row
 
-    def evaluate(self, batches, count: int) -> float:
-        """Mean token NLL over `count` global batches drawn from the iterator `batches`."""
+    def evaluate(self, batches, count: int) -> dict:
+        """Mean token NLL (`loss`, and per category and position bucket) over `count` global batches
+        drawn from the iterator `batches`."""
         for c in self.chunks:
             c.eval()
         total = None
@@ -184,7 +185,7 @@ class Trainer:
                 total = s if total is None else total + s
         for c in self.chunks:
             c.train()
-        return self.stats.as_dict(total)["loss"]
+        return self.stats.as_dict(total)
 
     def forward_only(self, micro_batches: list[dict]) -> None:
         """The forward of a training step without the backward (what `soda bench` subtracts)."""
@@ -232,6 +233,13 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def load_branch_state(self, state: dict) -> None:
+        """A branch from another run's checkpoint: its step, and this run's own LR schedule (e.g. a
+        decay over the branch's steps) placed at that step; the source's schedule is not taken."""
+        self.step = int(state["step"])
+        self.scheduler.num_steps = 0
+        self.scheduler.step(increment=self.step)
+
 
 def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
     """megatron-core's finalize_model_grads (DP / SP / embedding gradient reductions), then the
@@ -255,23 +263,39 @@ def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=
         chunk.scale_gradients(scale)
 
 
-class StepStats:
-    """Sums over a step's micro-batches on the last pipeline stage: [nll, tokens, z, per-category...]."""
+def position_buckets(seq_length: int, width: int) -> list[tuple[int, int]]:
+    """[lo, hi) token-position ranges the validation loss is reported by (one range: none reported)."""
+    return [(lo, min(lo + width, seq_length)) for lo in range(0, seq_length, width)]
 
-    def __init__(self, layout) -> None:
+
+def bucket_name(lo: int, hi: int) -> str:
+    def short(x: int) -> str:
+        return f"{x // 1024}k" if x % 1024 == 0 else str(x)
+
+    return f"pos_{short(lo)}_{short(hi)}"
+
+
+class StepStats:
+    """Sums over a step's micro-batches on the last pipeline stage: [nll, tokens, z, per category
+    (sums, counts), per position bucket (sums, counts)]: what the log reports, and the evidence that
+    a long context is used (the loss of late positions against early ones)."""
+
+    def __init__(self, layout, seq_length: int = 0, bucket: int = 4096) -> None:
         from megatron_soda.model.loss import category_names
 
         self.names = category_names(layout)
+        self.buckets = position_buckets(seq_length, bucket) if seq_length > bucket else []
 
     def reduce(self, outputs: list[dict], device) -> torch.Tensor:
-        """Sum on the last stage, over DP; then give every rank the same numbers."""
+        """Sum on the last stage, over DP x CP (a CP rank holds part of every sequence); then give
+        every rank the same numbers."""
         from megatron.core import parallel_state as ps
 
-        width = 3 + 2 * len(self.names)
+        width = 3 + 2 * len(self.names) + 2 * len(self.buckets)
         total = torch.zeros(width, dtype=torch.float64, device=device)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
             total += torch.stack([o["stats"] for o in outputs]).sum(dim=0)
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         if not ps.is_pipeline_last_stage(ignore_virtual=True):
             total.zero_()
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
@@ -284,25 +308,41 @@ class StepStats:
         for i, name in enumerate(self.names):
             if t[3 + n + i] > 0:
                 out[f"loss_{name}"] = t[3 + i] / t[3 + n + i]
+        at, k = 3 + 2 * n, len(self.buckets)
+        for i, (lo, hi) in enumerate(self.buckets):
+            if t[at + k + i] > 0:
+                out[f"loss_{bucket_name(lo, hi)}"] = t[at + i] / t[at + k + i]
         return out
 
 
 def make_forward_step(cfg: SodaConfig, layout, device: str, fp: FastPaths | None = None, inject_nan: bool = False):
     """megatron's forward_step_func for this config: a micro-batch through `model`, and the loss
     function that turns its output into the loss (and the sums `StepStats` reduces)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     from megatron_soda.model.gpt import local_vocab_range, output_weight
     from megatron_soda.model.loss import loss_breakdown, output_losses
 
     fp = fp or FastPaths()
     vocab_start, _ = local_vocab_range(cfg.model)
     z_weight = cfg.optim.z_loss
+    buckets = StepStats(layout, cfg.train.seq_length, cfg.train.position_bucket).buckets
+    bounds = torch.tensor([hi for _, hi in buckets[:-1]], device=device) if buckets else None
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        mask = batch["loss_mask"].to(device, non_blocking=True)
-        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens).contiguous()
+        local = {
+            "tokens": tokens,
+            "labels": batch["labels"].to(device, non_blocking=True),
+            "loss_mask": batch["loss_mask"].to(device, non_blocking=True),
+            "positions": positions,
+        }
+        # context parallelism: this rank's two of 2 x CP chunks of every sequence (megatron-core's
+        # split, which its RoPE follows); RoPE takes the positions from the table, not from here
+        local = get_batch_on_this_cp_rank(local)
+        tokens, labels, mask, positions = local["tokens"], local["labels"], local["loss_mask"], local["positions"]
         output = model(tokens, positions, None)
 
         def loss_func(output):
@@ -323,12 +363,13 @@ def make_forward_step(cfg: SodaConfig, layout, device: str, fp: FastPaths | None
             if inject_nan:
                 loss = loss * float("nan")
             n = mask.sum()
-            stats = torch.cat(
-                [
-                    torch.stack([nll_sum, n, z_sum]).double(),
-                    loss_breakdown(nll, labels, mask, layout).reshape(-1),
-                ]
-            )
+            parts = [torch.stack([nll_sum, n, z_sum]).double(), loss_breakdown(nll, labels, mask, layout).reshape(-1)]
+            if bounds is not None:  # the loss by position bucket (each token's position in its sequence)
+                b = torch.bucketize(positions.reshape(-1), bounds, right=True)
+                w = mask.reshape(-1).double()
+                sums = torch.zeros(len(buckets), dtype=torch.float64, device=nll.device)
+                parts += [sums.index_add(0, b, nll.detach().reshape(-1).double() * w), sums.index_add(0, b, w)]
+            stats = torch.cat(parts)
             return loss, n.to(torch.int), {"stats": stats}
 
         return output, loss_func

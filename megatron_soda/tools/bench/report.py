@@ -511,6 +511,56 @@ def render_loader_cpu(bench: Path) -> str:
     return f"Rows: `loader_cpu.jsonl` ({where}).\n\n" + _table(head, body) + "\n\nRuns:\n\n" + runs_list
 
 
+def render_loader_s3_cpu(bench: Path) -> str:
+    """One rank's loader from a local S3 server (cold cache without / with the prefetcher, warm)
+    next to the same set on local disk, each ratio within one invocation (one row's `command`)."""
+    rows = load_rows(bench, "loader_s3_cpu.jsonl")
+    letters = _letters(rows)
+    head = ["run", "workers", "samples / step", "source", "cache", "prefetch steps", "tokens/s", "of local disk"]
+    body = []
+    for command, run in runs(rows).items():
+        local = {r["workers"]: r["tokens_per_s"] for r in run if r["cache"] is None}
+        for r in run:
+            body.append(
+                [
+                    letters[command],
+                    f"{r['workers']}" + (" (in process)" if r["workers"] == 0 else ""),
+                    str(r["global_batch"]),
+                    r["source"],
+                    r["cache"] or "",
+                    str(r["prefetch_steps"]) if r["cache"] else "",
+                    f"{r['tokens_per_s'] / 1e6:.2f}M" + (" (wrapped: partly warm)" if r.get("wrapped") else ""),
+                    _pct(r["tokens_per_s"] / local[r["workers"]]) if r["cache"] else "",
+                ]
+            )
+    where = "; ".join(dict.fromkeys(f"{r['date']}, {r['machine']}, {r['store']}" for r in rows))
+    goal = []
+    for command, run in runs(rows).items():
+        best = max(r["tokens_per_s"] for r in run if r["cache"] == "cold" and r["prefetch_steps"])
+        verdict = "met" if best >= 1e6 else "not met"
+        goal.append(
+            f"- {letters[command]} (load average {run[0]['load_average_1min_before']:g} just before; seq "
+            f"{run[0]['seq_len']}, micro batch {run[0]['micro_batch']}): `{command}`; best cold cache with "
+            f"the prefetcher {best / 1e6:.2f}M tokens/s per rank: the >= 1M goal {verdict}"
+        )
+    return f"Rows: `loader_s3_cpu.jsonl` ({where}).\n\n" + _table(head, body) + "\n\nRuns:\n\n" + "\n".join(goal)
+
+
+def render_startup_cpu(bench: Path) -> str:
+    """`soda bench startup` of two checkouts on one machine: each command's median wall seconds per
+    checkout (column), `python -c "import torch"` as the yardstick."""
+    rows = load_rows(bench, "startup_cpu.jsonl")
+    checkouts = list(dict.fromkeys(r["checkout"] for r in rows))
+    seconds = {(r["command"], r["checkout"]): r["median_s"] for r in rows}
+    head = ["command", *(f"{c} (median s)" for c in checkouts)]
+    body = [
+        [f"`{cmd}`", *(f"{seconds[cmd, c]:.2f}" if (cmd, c) in seconds else "" for c in checkouts)]
+        for cmd in dict.fromkeys(r["command"] for r in rows)
+    ]
+    where = "; ".join(dict.fromkeys(f"{r['date']}, {r['machine']}, {r['repeats']} runs each" for r in rows))
+    return f"Rows: `startup_cpu.jsonl` ({where}).\n\n" + _table(head, body)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "train_h200": render_train_h200,
     "train_h200_levers": render_train_h200_levers,
@@ -525,6 +575,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "tokenize_cpu": render_tokenize_cpu,
     "readers_cpu": render_readers_cpu,
     "loader_cpu": render_loader_cpu,
+    "loader_s3_cpu": render_loader_s3_cpu,
+    "startup_cpu": render_startup_cpu,
 }
 
 

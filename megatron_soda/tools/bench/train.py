@@ -6,11 +6,14 @@ compile caches of one never leak into the next, and each sees the same synthetic
 `soda bench loader`). Variants:
 
 - `ours`: the real training step (megatron-core schedule, DDP, optimizer), every speed switch as
-  configured (`auto` = the fast path on GPU: megatron_soda/fast_paths.py);
+  configured (`auto` = the fast path on GPU: megatron_soda/model/fast_paths.py);
 - `ours-nokernels`: the same with torch's embedding and output layer + cross-entropy;
 - `ours-off`: the speed levers (CUDA graphs, weight-gradient fusion, Triton RMSNorm and RoPE, fused
   AdamW) all off, the embedding/output kernels as configured; `ours-off+graphs`, `ours-off+wgrad`,
   ... turn one lever (or several, joined by +) back on: the ablation;
+- `ours+fp8` (or any variant of ours +fp8): the same with `model.fp8 tensorwise` (the transformer
+  layers' linears in FP8, kernels/fp8.py); same initial weights and batches, so the loss curves of
+  `ours` and `ours+fp8` compare step by step;
 - `hf`: transformers' Qwen3ForCausalLM of the same config, SDPA, fused AdamW, bf16 autocast on
   GPU (fp32 on CPU), one process holding the same per-GPU micro-batches; `hf-compile` adds
   torch.compile. This is what a user would otherwise write.
@@ -35,23 +38,33 @@ from megatron_soda.config import Device, UserError
 VARIANTS = ("ours", "ours-nokernels", "ours-off", "hf", "hf-compile")
 # lever name in a variant -> the config switch it turns on (off: the switch's torch choice)
 LEVER_NAMES = {"graphs": "cuda_graph", "wgrad": "wgrad", "norm": "norm", "rope": "rope", "adam": "adam"}
+# opt-in features a variant of ours can add (`ours+fp8`, `ours-off+rope+fp8`): name -> (section, key, value)
+EXTRAS = {"fp8": ("model", "fp8", "tensorwise")}
 
 
 def check_variant(v: str) -> None:
-    """`ours-off+graphs+adam` style names are valid too; raises a UserError naming the unknown part."""
-    base, *levers = v.split("+")
-    if base not in VARIANTS or (levers and base != "ours-off"):
-        raise UserError(f"unknown variant {v!r}: {', '.join(VARIANTS)}, or ours-off+<lever>[+<lever>...]")
+    """`ours-off+graphs+adam` and `ours+fp8` style names are valid too; raises a UserError naming the
+    unknown part."""
+    base, *parts = v.split("+")
+    levers = [x for x in parts if x not in EXTRAS]
+    if base not in VARIANTS or (parts and not base.startswith("ours")) or (levers and base != "ours-off"):
+        raise UserError(
+            f"unknown variant {v!r}: {', '.join(VARIANTS)}, ours-off+<lever>[+<lever>...], "
+            f"or a variant of ours +{'/+'.join(EXTRAS)}"
+        )
     bad = [x for x in levers if x not in LEVER_NAMES]
     if bad:
-        raise UserError(f"variant {v!r}: unknown lever {bad[0]!r} (levers: {', '.join(LEVER_NAMES)})")
+        raise UserError(
+            f"variant {v!r}: unknown lever {bad[0]!r} (levers: {', '.join(LEVER_NAMES)}; extras: {', '.join(EXTRAS)})"
+        )
 
 
 def variant_overrides(v: str) -> dict:
     """The config overrides a variant of ours stands for."""
     from megatron_soda.config import SWITCHES, switch_options
 
-    base, *levers = v.split("+")
+    base, *parts = v.split("+")
+    levers = [x for x in parts if x not in EXTRAS]
     out: dict = {}
     if base == "ours-nokernels":
         out = {"model": {"embedding_impl": "torch", "output_impl": "torch"}}
@@ -61,6 +74,10 @@ def variant_overrides(v: str) -> dict:
             section, key = SWITCHES[name]
             fast, slow = switch_options(name)
             out.setdefault(section, {})[key] = fast if name in on else slow
+    for x in parts:
+        if x in EXTRAS:
+            section, key, value = EXTRAS[x]
+            out.setdefault(section, {})[key] = value
     return out
 
 
@@ -92,7 +109,8 @@ class TrainBenchConfig:
         default_factory=lambda: ["ours", "ours-nokernels", "hf"],
         metadata={
             "help": "comma list of ours, ours-nokernels, ours-off (speed levers off), ours-off+<lever>[+<lever>] "
-            "(levers: graphs, wgrad, norm, rope, adam), hf, hf-compile (transformers + torch.compile)"
+            "(levers: graphs, wgrad, norm, rope, adam), any of those +fp8 (model.fp8 tensorwise), hf, "
+            "hf-compile (transformers + torch.compile)"
         },
     )
     baseline_micro_batch: int = field(
@@ -175,7 +193,9 @@ def run_suite(cfg: TrainBenchConfig, overrides: dict, command: str = "") -> list
             row = json.loads(out.read_text())
             row["label"] = (
                 cfg.label
-                or f"{row['preset']} tp{row['tp']}pp{row['pp']}dp{row['dp']} mb{row['micro_batch']} s{row['seq_len']}"
+                or f"{row['preset']} tp{row['tp']}pp{row['pp']}"
+                + (f"cp{row['cp']}" if row.get("cp", 1) > 1 else "")
+                + f"dp{row['dp']} mb{row['micro_batch']} s{row['seq_len']}"
             )
             row["command"] = command
             ours = next((r for r in rows if r["variant"] == "ours"), None)
@@ -218,8 +238,8 @@ def loss_gap(a: dict, b: dict) -> float | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["tok/s/GPU", "TFLOP/s/GPU", "MFU", "step s", "fwd", "bwd", "sync", "opt", "peak GB", "ours/this"]
-    widths = [12, 11, 6, 8, 7, 7, 7, 7, 8, 9]
+    cols = ["tok/s/GPU", "TFLOP/s/GPU", "MFU", "MFU cau", "step s", "fwd", "bwd", "sync", "opt", "peak GB", "ours/this"]
+    widths = [12, 11, 6, 7, 8, 7, 7, 7, 7, 8, 9]
     head = f"{'variant':<22} " + " ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True))
     lines = [f"{rows[0]['label']}: {rows[0]['device']}, {rows[0]['dtype']}", head, "-" * len(head)]
     for r in rows:
@@ -228,6 +248,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['tokens_per_s_per_gpu']:,.0f}",
             f"{r['tflops_per_gpu']:.3f}",
             f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
+            f"{100 * r['mfu_causal']:.1f}%" if r.get("mfu_causal") is not None else "n/a",
             f"{r['step_time_s']:.3f}",
             *(f"{x:.3f}" if x is not None else "-" for x in split),
             f"{r['peak_memory_gb']:.2f}",
@@ -240,6 +261,14 @@ def format_table(rows: list[dict]) -> str:
         gap = loss_gap(r, base) if base is not None and r is not base else None
         if gap is not None:
             lines.append(f"  {r['variant']}: max |loss - ours-off loss| over {len(r['losses'])} steps = {gap:.2e}")
+    lines.append(
+        "MFU: attention over the full score matrix (the paper's); MFU cau: the causal half the kernels compute"
+    )
+    for r in rows:
+        if len(r.get("peak_memory_gb_per_rank", [])) > 1:
+            lines.append(
+                f"  {r['variant']}: peak GB per rank " + ", ".join(f"{x:.2f}" for x in r["peak_memory_gb_per_rank"])
+            )
     if rows[0]["mfu"] is None:
         lines.append("MFU n/a: no peak FLOP/s known for this device (pass --train.peak_tflops)")
     return "\n".join(lines)

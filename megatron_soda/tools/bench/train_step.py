@@ -66,6 +66,7 @@ def _summary(
     tokens_per_s = t.global_batch_size * t.seq_length / step
     per_gpu = tokens_per_s / world
     ftok = flops_per_token(cfg.model, t.seq_length)
+    ftok_causal = flops_per_token(cfg.model, t.seq_length, causal=True)
     return {
         "variant": variant,
         "preset": cfg.model.name,
@@ -73,6 +74,7 @@ def _summary(
         "world": world,
         "tp": p.tp if variant.startswith("ours") else 1,
         "pp": p.pp if variant.startswith("ours") else 1,
+        "cp": p.cp if variant.startswith("ours") else 1,
         "dp": dp,
         "vpp": p.vpp if variant.startswith("ours") else 1,
         "sp": bool(p.sequence_parallel) if variant.startswith("ours") else False,
@@ -90,7 +92,9 @@ def _summary(
         "tflops_per_gpu": ftok * per_gpu / 1e12,
         "flops_per_token": ftok,
         "peak_tflops": peak,
-        "mfu": mfu(ftok, per_gpu, peak),
+        "mfu": mfu(ftok, per_gpu, peak),  # the paper's convention: attention over the full score matrix
+        "flops_per_token_causal": ftok_causal,
+        "mfu_causal": mfu(ftok_causal, per_gpu, peak),  # the attention FLOPs causal kernels compute
         "peak_memory_gb": peak_memory_gb(device),
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -176,14 +180,16 @@ def bench_ours(cfg, steps: int, warmup: int, variant: str, profile_dir: str | No
         times["forward"].append(time.perf_counter() - t0)
     f = statistics.median(times["forward"])
     times["backward"] = [max(0.0, b - f) for b in times["backward"]]
-    row = _summary(
-        cfg, variant, fp.describe(), device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops)
-    )
+    impl = fp.describe() + (f", fp8 {cfg.model.fp8}" if cfg.model.fp8 != "none" else "")
+    row = _summary(cfg, variant, impl, device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops))
     row["fast_paths"] = dataclasses.asdict(fp)
-    # every rank's peak matters (PP stages differ): report the largest
-    peak = torch.tensor([row["peak_memory_gb"]], dtype=torch.float64, device=device if device == "cuda" else "cpu")
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    row["peak_memory_gb"] = peak.item()
+    row["fp8"] = cfg.model.fp8  # MFU stays against the bf16 peak: comparable with every other row
+    # every rank's peak matters (PP stages differ; CP divides the activations): each, and the largest
+    mine = torch.tensor([row["peak_memory_gb"]], dtype=torch.float64, device=device if device == "cuda" else "cpu")
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    row["peak_memory_gb_per_rank"] = [float(x.item()) for x in every]
+    row["peak_memory_gb"] = max(row["peak_memory_gb_per_rank"])
     return row if dist.get_rank() == 0 else None
 
 
@@ -306,17 +312,9 @@ def run_variant(spec: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m megatron_soda.tools.bench.train_step SPEC.json`: one variant's process."""
-    import logging
+    from megatron_soda.parallel.processes import spec_main
 
-    from megatron_soda.config import quiet_library_warnings, report_error
-
-    logging.basicConfig(level=logging.WARNING)
-    quiet_library_warnings()
-    (spec_file,) = sys.argv[1:] if argv is None else argv
-    try:
-        return run_variant(json.loads(Path(spec_file).read_text()))
-    except BaseException as e:  # noqa: BLE001 - the one printer decides what to show
-        return report_error(e, "soda bench train", int(os.environ["RANK"]) if "RANK" in os.environ else None)
+    return spec_main(run_variant, "soda bench train", argv)
 
 
 if __name__ == "__main__":
