@@ -9,8 +9,10 @@ greedy continuation, compared.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -68,7 +70,15 @@ def write_safetensors(tensors, out: Path, max_shard_bytes: int) -> dict:
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(out / fname), metadata={"format": "pt"})
+        try:
+            save_file({k: v.contiguous() for k, v in shard.items()}, str(out / fname), metadata={"format": "pt"})
+        except Exception as e:  # safetensors' Rust error carries the OS error only in its text
+            # ENOSPC, EDQUOT: "(os error 28)" in safetensors 0.5+, "Os { code: 28, ..." before
+            full = re.search(r"os error (28|122)\)|Os \{ code: (28|122),", str(e))
+            if full is None:
+                raise
+            code = errno.ENOSPC if "28" in (full.group(1), full.group(2)) else errno.EDQUOT
+            raise OSError(code, os.strerror(code), str(out / fname)) from e
         for k, v in shard.items():
             weight_map[k] = fname
             total += v.numel() * v.element_size()

@@ -160,3 +160,11 @@ def test_every_soda_bench_command_in_the_doc_parses():
         parse_command(parser, argv, spec.run_config, spec.passthrough)  # raises on an unknown flag or value
         found += len(argv) > 2
     assert found >= 15  # the rows' commands under every training table, and the others'
+
+
+def test_the_bench_chart_of_the_committed_rows_has_its_headline_and_ablation_figures(tmp_path):
+    from megatron_soda.tools.plots import plot_bench
+
+    rows = report.load_rows(ROOT / "docs" / "bench", "train_h200.jsonl")
+    out = plot_bench(rows + report.load_rows(ROOT / "docs" / "bench", "train_cpu_long.jsonl"), tmp_path / "t.png")
+    assert out.stat().st_size > 20_000 and (tmp_path / "t_levers.png").stat().st_size > 20_000

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from megatron_soda.config import DataConfig
+from megatron_soda.config import ConfigError, DataConfig
 from megatron_soda.data.loader import SodaDataLoader, split_batch
 from megatron_soda.data.mixture import MixtureDataset, feistel_permute
 from megatron_soda.data.shard_set import ShardReadError, ShardSet
@@ -210,3 +210,15 @@ def test_a_changed_id_that_stays_in_the_vocabulary_fails_its_checksum(tmp_path, 
     assert int(ShardSet(tmp_path / "s", verify=False).read(2)[0][0]) == new_id  # unchecked, it trains silently
     with pytest.raises(ShardReadError, match="1 bad of 4 samples"):
         verify_set(str(tmp_path / "s"))
+
+
+def test_sources_are_named_apart_and_one_set_twice_is_refused(tmp_path):
+    """Per-source shares are logged as data_<name>: two names alike would overwrite one another."""
+    synthetic_set(tmp_path / "en" / "shards", [4], seq_len=8, seed=1)
+    synthetic_set(tmp_path / "zh" / "shards", [4], seq_len=8, seed=2)
+    paths = [str(tmp_path / "en" / "shards"), str(tmp_path / "zh" / "shards")]
+    assert MixtureDataset(DataConfig(paths=paths)).names == ["en/shards", "zh/shards"]
+    with pytest.raises(ConfigError, match="each source needs its own name"):
+        MixtureDataset(DataConfig(paths=[paths[0], paths[0]]))
+    with pytest.raises(ConfigError, match="not 'stage'"):
+        MixtureDataset(DataConfig(paths=paths, names=["stage", "zh"]))

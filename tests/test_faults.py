@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -83,6 +84,23 @@ def test_a_full_disk_at_a_save_is_one_line_per_rank_and_resumes_exactly_when_spa
     assert [m["step"] for m in first] == [m["step"] for m in again] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm", "param_norm"):
         assert [m[key] for m in first] == [m[key] for m in again], key
+    # the run's export onto a disk it does not fit: one line, nothing partial left there
+    out_disk = tmp_path / "out_disk"
+    out_disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(out_disk)], check=True)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "megatron_soda.cli", "export-hf", str(run), str(out_disk / "hf")],
+            capture_output=True,
+            text=True,
+            env=env(),
+            cwd=ROOT,
+        )
+        assert r.returncode == 2 and "no space left on device" in r.stderr.lower(), r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr[-3000:]
+        assert list(out_disk.iterdir()) == [], list(out_disk.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(out_disk)], capture_output=True)
 
 
 def test_ctrl_c_saves_and_a_second_run_in_the_same_directory_is_refused(small_shards, tmp_path):

@@ -185,7 +185,7 @@ def test_generate_s2st_whole_frames_to_wav(finetuned, s2st_corpus, tmp_path):
     assert [r["prompt"] for r in rows] == [0, 1, 2, 3]
     assert any(r["frames"] > 0 for r in rows), rows
     for r in rows:  # every generation: whole frames (8 tokens each), and a WAV exactly when there is audio
-        assert r["frames"] >= 0 and r["new_tokens"] >= 8 * r["frames"], r
+        assert r["frames"] >= 0 and r["new_tokens"] >= max(1, 8 * r["frames"]), r  # at least its stop token
         if r["frames"]:
             info = sf.info(r["wav"])
             assert info.samplerate == 24_000 and info.frames == r["frames"] * 1920 and r["seconds"] == info.duration

@@ -222,7 +222,8 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing_behind(trained, tmp_pa
     shutil.copytree(ckpt, broken)
     next(broken.glob("*.distcp")).unlink()  # a missing shard
     r = soda("export-hf", str(broken), str(tmp_path / "out"), check=False)
-    assert r.returncode != 0 and not (tmp_path / "out").exists()
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "is missing" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
     # an HF folder whose config.json says more layers than its weights hold

@@ -40,7 +40,7 @@ CP_LAYOUTS = {
     "cp2": (2, ["--parallel.cp", "2", "--checkpoint.save_interval", "3", "--checkpoint.keep_last", "2"]),
     "cp4": (4, ["--parallel.cp", "4"]),
     "cp2_tp2_sp": (4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.sequence_parallel", "true"]),
-    "cp2_pp2": (4, ["--parallel.cp", "2", "--parallel.pp", "2"]),
+    "cp2_pp2_vpp2": (4, ["--parallel.cp", "2", "--parallel.pp", "2", "--parallel.vpp", "2"]),
     "cp2_dp2_distributed_optimizer": (4, ["--parallel.cp", "2", "--parallel.distributed_optimizer", "true"]),
 }
 

@@ -72,11 +72,22 @@ def test_comm_stats_wraps_every_name_megatron_calls_and_puts_them_back(tmp_path)
     assert row == {"step": 7, "rank": 3, "bytes": {"world": {"all_reduce": 12}}, "calls": {"world": {"all_reduce": 1}}}
 
 
-@pytest.mark.slow  # eight gloo ranks under torchrun
-def test_comm_bytes_of_every_group_match_a_gloo_run_exactly(tmp_path):
+COUNTED_LAYOUTS = {  # world, parallel settings
+    "tp2_pp2_vpp2_dp2_sp_distopt": (
+        8,
+        {"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True, "distributed_optimizer": True},
+    ),
+    "cp2_dp2_distopt": (4, {"cp": 2, "distributed_optimizer": True}),
+}
+
+
+@pytest.mark.slow  # eight (then four) gloo ranks under torchrun
+@pytest.mark.parametrize("name", list(COUNTED_LAYOUTS))
+def test_comm_bytes_of_every_group_match_a_gloo_run_exactly(name, tmp_path):
     """TP 2 x PP 2 (interleaved, 2 chunks) x DP 2 on 8 gloo ranks, with sequence parallelism and the
-    distributed optimizer: every collective and point-to-point call of 2 training steps counted
-    (parallel/comm_stats.py) per rank, group and op, bytes and calls, equal to the planner's."""
+    distributed optimizer, and CP 2 x DP 2 on 4: every collective and point-to-point call of 2
+    training steps counted (parallel/comm_stats.py) per rank, group and op, bytes and calls, equal to
+    the planner's."""
     from megatron_soda.config import load_config
     from megatron_soda.parallel import processes
     from megatron_soda.parallel.comm_stats import read_comm
@@ -90,21 +101,23 @@ def test_comm_bytes_of_every_group_match_a_gloo_run_exactly(tmp_path):
         str(CONFIGS / "tiny.yaml"),
         {
             "model": {"vocab_size": 388, "vocab_pad_multiple": 256},
-            "parallel": {"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True, "distributed_optimizer": True},
+            "parallel": COUNTED_LAYOUTS[name][1],
             "train": {"device": "cpu", "seq_length": 32, "micro_batch_size": 2, "global_batch_size": 8},
         },
     )
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"config": cfg.to_dict(), "steps": 2, "run_dir": str(tmp_path), "layout": small}))
-    cmd = processes.torchrun(8, "megatron_soda.tools.plan.count_run", [str(spec)])
-    r = subprocess.run(cmd, env=processes.rank_env(8, env()), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    world = COUNTED_LAYOUTS[name][0]
+    cmd = processes.torchrun(world, "megatron_soda.tools.plan.count_run", [str(spec)])
+    r = subprocess.run(cmd, env=processes.rank_env(world, env()), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     counted = read_comm(tmp_path)
-    assert sorted(counted) == list(range(8))
-    lay = layout_of(cfg, 8)
+    assert sorted(counted) == list(range(world))
+    lay = layout_of(cfg, world)
     run = run_of(cfg, SodaLayout(**small), cuda=False)
     for rank, steps in counted.items():
-        stage = stage_state(cfg.model, lay.tp, lay.pp, lay.vpp, lay.dp * lay.cp, rank // 4, True, False)
+        pp_rank = rank // (world // lay.pp)  # megatron's rank order: pipeline stages outermost
+        stage = stage_state(cfg.model, lay.tp, lay.pp, lay.vpp, lay.dp * lay.cp, pp_rank, True, False)
         predicted = totals(step_collectives(run, lay, stage))
         assert [s["step"] for s in steps] == [1, 2]
         for s in steps:

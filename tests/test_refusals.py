@@ -207,6 +207,21 @@ def test_damaged_checkpoints_are_one_line_for_inspect_and_export(trained_run, tm
     assert main(["inspect", str(run)]) == 2
     one_line(capsys.readouterr().err)
 
+    cut = checkpoint_copy(trained_run, tmp_path / "cut")  # a copy that stopped half-way through a file
+    shard = sorted(cut.glob("*.distcp"))[-1]
+    os.truncate(shard, shard.stat().st_size // 2)
+    for cmd in (["inspect", str(cut)], ["export-hf", str(cut), str(tmp_path / "out_cut")]):
+        assert main(cmd) == 2, cmd
+        assert f"shard file {shard.name} is truncated" in one_line(capsys.readouterr().err)
+
+    newer = checkpoint_copy(trained_run, tmp_path / "newer")  # written by a later checkpoint format
+    meta = json.loads((newer / "metadata.json").read_text())
+    (newer / "metadata.json").write_text(json.dumps({**meta, "sharded_backend_version": 99}))
+    assert main(["export-hf", str(newer), str(tmp_path / "out_newer")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert str(newer) in err and "99" in err, err
+    assert not (tmp_path / "out_newer").exists()
+
 
 # --- soda export-hf ---------------------------------------------------------------------------
 

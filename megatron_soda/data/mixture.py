@@ -68,6 +68,12 @@ def feistel_permute(i: int, n: int, key: int, rounds: int = 4) -> int:
             return x
 
 
+def _default_names(paths: list[str]) -> list[str]:
+    """Each set's folder name, or parent/name where two sets share a folder name (en/shards, zh/shards)."""
+    names = [Path(p).name for p in paths]
+    return [f"{Path(p).parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names, strict=True)]
+
+
 def _block_counts(weights: np.ndarray, block: int) -> np.ndarray:
     """Largest-remainder apportionment of `block` samples to sets by weight."""
     raw = weights / weights.sum() * block
@@ -99,7 +105,12 @@ class MixtureDataset(Dataset):
             s.index.check_compatible(layout or first.layout, seq_len or first.seq_len)
         self.layout = layout or first.layout
         self.seq_len = first.seq_len
-        self.names = cfg.names or [Path(p).name for p in cfg.paths]
+        self.names = cfg.names or _default_names(cfg.paths)
+        if len(set(self.names)) != len(self.names) or "stage" in self.names:
+            raise ConfigError(
+                f"data.names {self.names}: each source needs its own name, not 'stage' (metrics.jsonl has "
+                "data_<name> per source beside data_stage)"
+            )
         if cfg.weights is not None and len(cfg.weights) != len(self.sets):
             sources = ", ".join(f"{n} {w:g}" for n, w in zip(self.names, cfg.weights, strict=False))
             raise ConfigError(

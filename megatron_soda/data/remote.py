@@ -94,6 +94,14 @@ class SampleCache:
             return True
         except FileNotFoundError:
             return False
+        except OSError as e:  # a cache shared with another user, a read-only disk: only speed is lost
+            self._warn(e)
+            return False
+
+    def _warn(self, e: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("data cache %s: %s; reading on without caching there", self.root, e)
 
     def put(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}")
@@ -104,12 +112,13 @@ class SampleCache:
             os.replace(tmp, path)
         except OSError as e:  # a full or read-only disk: the cache only speeds reads up; reading goes on
             tmp.unlink(missing_ok=True)
-            if not self._warned:
-                self._warned = True
-                log.warning("data cache %s: %s; reading on without caching there", self.root, e)
+            self._warn(e)
             return
         if self._count(len(data)):
-            self.evict()
+            try:
+                self.evict()
+            except OSError as e:  # likewise: the sample read is good whatever eviction met
+                self._warn(e)
 
     def drop(self, path: Path) -> None:
         path.unlink(missing_ok=True)

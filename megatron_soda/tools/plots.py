@@ -202,6 +202,13 @@ def _levers(ax, runs: list[list[dict]], letters: dict[str, str]) -> None:
     ax.legend(fontsize=7)
 
 
+def _most_common(values):
+    from collections import Counter
+
+    counts = Counter(values)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def plot_bench(rows: list[dict], out: str | Path, last: int | None = None) -> Path:
     """The `soda bench train` rows (the last `last` of them, default all) as charts a reader can read:
     `out`, one panel per GPU kind with the presets side by side (ours, ours + FP8, kernels off,
@@ -219,6 +226,9 @@ def plot_bench(rows: list[dict], out: str | Path, last: int | None = None) -> Pa
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     heads = [[r for r in rows if _gpu(r) == g and r["variant"] in HEADLINE] for g in gpus]
+    # one sequence length per panel (its most common: the presets' 4,096), so a long-context row
+    # (gpu_check.sh long) never stands in for a preset's headline bar
+    heads = [[r for r in h if r["seq_len"] == _most_common(x["seq_len"] for x in h)] for h in heads]
     heads = [(g, h) for g, h in zip(gpus, heads, strict=True) if h]
     if heads:
         widths = [max(2, len({r["preset"] for r in h})) for _, h in heads]
