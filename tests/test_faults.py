@@ -103,6 +103,19 @@ def test_a_full_disk_at_a_save_is_one_line_per_rank_and_resumes_exactly_when_spa
         subprocess.run(["umount", "-l", str(out_disk)], capture_output=True)
 
 
+def test_a_full_disk_during_an_async_save_is_one_line_too(small_shards, small_disk):
+    """The step-4 save writes in the background and fails there: it is reported when the loop
+    collects it, as a synchronous save's failure is (one line, partial save removed, latest kept)."""
+    run = small_disk / "run"
+    args = ("--train.steps", "4", "--checkpoint.save_interval", "2", "--checkpoint.async_save", "true")
+    r = _train(run, small_shards, 1, *args, "--train.tensorboard", "false", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (error,) = _error_lines(r.stderr)
+    assert "saving iter_0000004" in error and "no space left on device" in error, error
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "iter_0000002" and not list(ckpts.glob(".iter_*"))
+
+
 def test_ctrl_c_saves_and_a_second_run_in_the_same_directory_is_refused(small_shards, tmp_path):
     run = tmp_path / "run"
     slow = ("--train.steps", "200", "--train.debug_slow_rank", "[0, 0.2]", "--data.num_workers", "1")

@@ -92,6 +92,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.protected = protected
         self.async_queue = None
+        self.in_flight: Path | None = None  # the partial directory of the async save not yet finalized
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -114,6 +115,7 @@ class Checkpointer:
         state["common"] = dict(common, layout=_layout())
 
         def finalize() -> None:
+            self.in_flight = None
             dist.barrier()
             if dist.get_rank() == 0:
                 os.replace(tmp, final)
@@ -130,6 +132,7 @@ class Checkpointer:
             else:
                 request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
                 request.add_finalize_fn(finalize)
+                self.in_flight = tmp
                 self.async_queue.schedule_async_request(request)
         except BaseException as e:  # torch's CheckpointException is a BaseException
             raise self._failed(tmp, e) from e
@@ -167,9 +170,17 @@ class Checkpointer:
             )
 
     def poll(self, blocking: bool = False) -> None:
-        """Finish async saves that are done (all ranks call this at the same points)."""
-        if self.async_queue is not None:
+        """Finish async saves that are done (all ranks call this at the same points). A write that
+        failed in the background (a full disk) fails here, as a synchronous save would have."""
+        if self.async_queue is None:
+            return
+        try:
             self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            tmp, self.in_flight = self.in_flight, None
+            if tmp is None:
+                raise
+            raise self._failed(tmp, e) from e
 
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
