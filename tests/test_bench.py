@@ -102,6 +102,11 @@ def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
     p = soda("bench", "train", *common, "--variants", "ours,hf", "--train.peak_tflops", "1.0")  # raises on failure
     rows = [json.loads(x) for x in res.read_text().splitlines()]
     assert [r["variant"] for r in rows] == ["ours", "hf"]
+    # which attention ran: our layer path and the kernel SDPA's dispatcher picks at this shape
+    assert rows[0]["layers"] == "local spec, torch SDPA attention" and rows[0]["sdpa_backend"] in (
+        "flash_attention",
+        "math",
+    )
     for r in rows:
         _check_row(r)
         assert r["mfu"] == pytest.approx(TINY_FLOPS_PER_TOKEN * r["tokens_per_s_per_gpu"] / 1e12)  # peak 1 TFLOP/s

@@ -85,6 +85,7 @@ class Trainer:
         dtype = torch.bfloat16 if cuda else torch.float32
         installed = install(fp)
         self.modules, path = build_model(cfg.model, cfg.parallel, dtype, cuda, fp)
+        self.layer_path = path  # e.g. "local spec, torch SDPA attention" (the bench records it)
         if cfg.model.init == "layout_invariant":
             layout_invariant_init(self.modules, cfg.model.init_std, cfg.train.seed)
         if dist.get_rank() == 0:

@@ -50,6 +50,26 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def sdpa_backend(cfg, device: str, dtype: torch.dtype) -> str:
+    """Which of torch SDPA's kernels a layer's causal self-attention takes at this run's shape (micro
+    batch, heads, this rank's sequence, head dim, GQA), on this device and dtype: at head dim 64 the
+    135M preset may fall off flash attention, which a row should say. torch's own dispatcher is
+    asked (a private function: "unknown" where it is missing or refuses)."""
+    from torch.nn.attention import SDPBackend
+
+    m, t = cfg.model, cfg.train
+    heads = m.num_attention_heads // cfg.parallel.tp
+    groups = max(1, m.num_query_groups // cfg.parallel.tp)
+    seq = t.seq_length // cfg.parallel.cp
+    q = torch.empty(t.micro_batch_size, heads, seq, m.head_dim, dtype=dtype, device=device)
+    kv = torch.empty(t.micro_batch_size, groups, seq, m.head_dim, dtype=dtype, device=device)
+    try:
+        choice = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=heads != groups)
+        return SDPBackend(choice).name.lower()
+    except Exception:  # noqa: BLE001 - a record, never a reason for a bench to fail
+        return "unknown"
+
+
 def _summary(
     cfg,
     variant: str,
@@ -184,6 +204,9 @@ def bench_ours(cfg, steps: int, warmup: int, variant: str, profile_dir: str | No
     row = _summary(cfg, variant, impl, device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops))
     row["fast_paths"] = dataclasses.asdict(fp)
     row["fp8"] = cfg.model.fp8  # MFU stays against the bf16 peak: comparable with every other row
+    row["layers"] = trainer.layer_path
+    # the kernel SDPA picks at this shape (what runs unless flash-attn's or Transformer Engine's path is on)
+    row["sdpa_backend"] = sdpa_backend(cfg, device, torch.bfloat16 if device == "cuda" else torch.float32)
     # every rank's peak matters (PP stages differ; CP divides the activations): each, and the largest
     mine = torch.tensor([row["peak_memory_gb"]], dtype=torch.float64, device=device if device == "cuda" else "cpu")
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
