@@ -95,6 +95,7 @@ def _check_row(r):
 _TINY = dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=16, ffn_hidden_size=128)
 
 
+@pytest.mark.slow
 def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
     res = tmp_path / "train.jsonl"
     common = ["--config", "configs/tiny.yaml", "--device", "cpu", "--steps", "2", "--warmup", "1"]
@@ -121,6 +122,7 @@ def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
     _check_row(rows[2])
 
 
+@pytest.mark.slow
 def test_bench_train_bad_input_is_one_line(tmp_path):
     p = soda("bench", "train", "--config", "configs/tiny.yaml", "--variants", "ours,megatron-lm", check=False)
     assert p.returncode == 2 and "unknown variant 'megatron-lm'" in p.stderr and "Traceback" not in p.stderr
@@ -137,6 +139,7 @@ def test_bench_train_bad_input_is_one_line(tmp_path):
     assert p.returncode == 2 and "unrecognized" in p.stderr
 
 
+@pytest.mark.slow
 def test_bench_tokenize_random_mimi(tmp_path):
     out = tmp_path / "tok.json"
     soda(

@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 from megatron_soda.cli import main
 
 
@@ -12,6 +14,7 @@ def test_bench_loader_prints_tokens_per_second(capsys, tmp_path):
     assert "goal >= 20,000,000 tokens/s per core" in out
 
 
+@pytest.mark.slow
 def test_inspect_decodes_samples(prepared, capsys):
     assert main(["inspect", str(prepared), "--samples", "2"]) == 0
     out = capsys.readouterr().out

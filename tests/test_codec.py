@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from megatron_soda.tokenization.audio_io import load_audio
 from megatron_soda.tokenization.codec import MimiCodec
@@ -17,6 +18,7 @@ def test_encode_gives_8_codebooks_at_12_5_hz(corpus, codec):
     assert len(np.unique(codes[:, 0])) > 3  # a random codec with seeded codebooks is not degenerate
 
 
+@pytest.mark.slow
 def test_batched_encoding_equals_one_by_one(corpus, codec):
     clips = [load_audio(corpus / "audio" / f"utt{i:04d}.wav").samples for i in range(3)]
     batched = codec.encode(clips)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import soundfile as sf
 import zstandard
 
@@ -61,6 +62,7 @@ def test_readers_stream_every_format_alike(tmp_path):
     assert bad[0] == 1 and bad[1].startswith("x/a.json: ") and b == (2, {"text": "hé", "id": "b"})
 
 
+@pytest.mark.slow
 def test_corpus_files_give_the_manifest_routes_shards_bit_for_bit(corpus, tokenizer_dir, prepared, tmp_path):
     """The corpus' paired utterances as .jsonl.zst and its text documents as Parquet (Nemotron-style
     `text` column), streamed: the same token stream as the manifest + folder route."""
@@ -77,6 +79,7 @@ def test_corpus_files_give_the_manifest_routes_shards_bit_for_bit(corpus, tokeni
     np.testing.assert_array_equal(_tokens(out), _tokens(prepared))
 
 
+@pytest.mark.slow  # its fixture trains (or runs the codec)
 def test_pretokenized_documents_go_in_as_they_are_and_bad_ones_are_counted(prepared, tokenizer_dir, tmp_path):
     """Documents as the released sets hold them (audio as private-use characters, their own
     <|begin_of_text|> / <|end_of_text|>), in a Parquet `text` column: tokenized with no codec and no
@@ -158,6 +161,7 @@ def _recordings(records) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_audio_archives_and_tables_give_the_manifest_routes_shards_bit_for_bit(
     corpus, tokenizer_dir, tmp_path, monkeypatch
 ):

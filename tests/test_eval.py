@@ -171,6 +171,7 @@ def _tiny_speaker_encoder(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_eval_scorers_pick_the_forced_answers(forced, tmp_path):
     folder, tasks = forced
     # no --codec: the folder's soda.json says which codec its training data used
@@ -221,6 +222,7 @@ def test_eval_scorers_pick_the_forced_answers(forced, tmp_path):
     assert "| asr:asr.jsonl | 2 | wer | 0.0% |" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow  # its fixture trains (or runs the codec)
 def test_hf_speaker_encoders_load_through_transformers(forced):
     """`--speaker hf:<x-vector model>`: a transformers WavLM x-vector folder gives one embedding per clip."""
     from megatron_soda.evals import load_speaker, speaker_similarity
@@ -233,6 +235,7 @@ def test_hf_speaker_encoders_load_through_transformers(forced):
     assert speaker_similarity(embed, a, b, 24000) < 1.0
 
 
+@pytest.mark.slow  # its fixture trains
 def test_eval_bad_task_file_is_one_line(forced, tmp_path):
     folder, tasks = forced
     bad = tmp_path / "bad.jsonl"

@@ -58,6 +58,7 @@ def s2st_shards(s2st_corpus, tokenizer_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_prepared_task_shards_carry_the_mask_to_the_loss(s2st_shards):
     s = ShardSet(s2st_shards)
     assert s.rows == 2 and s.index.meta["loss_mask"] is True
@@ -78,6 +79,7 @@ def test_prepared_task_shards_carry_the_mask_to_the_loss(s2st_shards):
     assert 0 < mask.mean() < 1
 
 
+@pytest.mark.slow
 def test_prompt_labels_get_no_gradient(s2st_shards):
     """The real model and loss (CPU backend, one process): changing labels where the mask is 0 leaves
     every parameter gradient unchanged; changing one target label does not."""
@@ -138,6 +140,7 @@ def finetuned(prepared, s2st_shards, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_finetune_lowers_the_target_loss(finetuned):
     summary = json.loads((finetuned / "summary.json").read_text())["summary"]
     before, after = summary["val_loss_start"], summary["val_loss_last"]
@@ -150,6 +153,7 @@ def test_finetune_lowers_the_target_loss(finetuned):
     assert "init_from" in cfg and str(finetuned / "pre") in cfg
 
 
+@pytest.mark.slow  # its fixture trains (or runs the codec)
 def test_finetune_refuses_architecture_changes(finetuned, s2st_shards):
     p = soda(
         "finetune",
@@ -164,6 +168,7 @@ def test_finetune_refuses_architecture_changes(finetuned, s2st_shards):
     assert p.returncode == 2 and "--model.* cannot change" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_generate_s2st_whole_frames_to_wav(finetuned, s2st_corpus, tmp_path):
     """No --codec and no --tokenizer: both come from what the run's training shards recorded."""
     srcs = [str(s2st_corpus / "audio" / f"fr_{i:04d}.wav") for i in range(4)]

@@ -349,6 +349,7 @@ SELFCHECK_FP32_LIMITS = {
 }
 
 
+@pytest.mark.slow
 def test_tp2_parity_through_gloo():
     r = subprocess.run(
         [
@@ -443,6 +444,7 @@ def test_bench_kernels_prints_ratios_and_runs_the_fair_race(tmp_path):
     assert {"rmsnorm", "qk_norm", "rope", "cross_entropy", "embedding"} <= {k for row in rows for k in row}
 
 
+@pytest.mark.slow
 def test_fair_race_inputs_have_a_trained_models_entropy_per_token_type():
     """Measured here from the inputs themselves: the mean entropy of each token type's softmax is its
     target, the labels' mean NLL matches it (labels drawn from those softmaxes), and a token's mass

@@ -56,6 +56,7 @@ def test_text_only_documents_are_plain_text(prepared, corpus, tokenizer_dir):
     assert last[-len(want) :].tolist() == want
 
 
+@pytest.mark.slow
 def test_num_codebooks_knob(corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "semantic"
     cfg = prepare_config([corpus / "manifest.jsonl"], out, tokenizer_dir, num_codebooks=1, formats=["audio_only"])
@@ -136,6 +137,7 @@ def test_audio_only_directory_chunks_long_files(tokenizer_dir, tmp_path):
     assert summary["counts"]["audio_tokens"] == (25 + 25 + 13 + 13) * 8
 
 
+@pytest.mark.slow
 def test_resume_redoes_only_missing_shards(corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     cfg = lambda: prepare_config([corpus / "manifest.jsonl"], out, tokenizer_dir)  # noqa: E731
@@ -162,6 +164,7 @@ def test_other_settings_into_the_same_output_are_refused(corpus, tokenizer_dir, 
         prepare(prepare_config([corpus / "text"], out, tokenizer_dir, seq_len=128), progress=False)
 
 
+@pytest.mark.slow
 def test_ranks_split_the_work_and_equal_a_single_run(corpus, tokenizer_dir, tmp_path, prepared):
     out = tmp_path / "ranks"
     inputs = [corpus / "manifest.jsonl", corpus / "text"]
@@ -205,6 +208,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert len(lines) == 1 and "nope.jsonl" in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_nothing_usable_is_an_error_not_an_empty_set(tokenizer_dir, tmp_path):
     (tmp_path / "m.jsonl").write_text('{"id": "a", "audio": "missing.wav", "text": "x"}\n{broken\n')
     args = ["--input", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "o"), "--tokenizer", str(tokenizer_dir)]
