@@ -15,6 +15,10 @@ from triton.compiler import ASTSource
 
 from megatron_soda.kernels import codec_embedding, fused_ce, rmsnorm, rope
 
+RMS_BWD_ARGS = dict(  # the one-pass RMSNorm backward's signature (bf16 tensors, fp32 partials)
+    x_ptr="*bf16", w_ptr="*bf16", dy_ptr="*bf16", rstd_ptr="*fp32", dx_ptr="*bf16", dw_part_ptr="*fp32", n_rows="i32"
+)
+
 CE = dict(
     logits_ptr="*bf16",
     labels_ptr="*i64",
@@ -41,29 +45,13 @@ CASES = [
     ),
     (
         rmsnorm._rms_bwd,
-        dict(
-            x_ptr="*bf16",
-            w_ptr="*bf16",
-            dy_ptr="*bf16",
-            rstd_ptr="*fp32",
-            dx_ptr="*bf16",
-            dw_part_ptr="*fp32",
-            n_rows="i32",
-        ),
+        RMS_BWD_ARGS,
         dict(N=128, BLOCK_M=32, BLOCK_N=128),
     ),
     *[  # the one-pass backward at the hidden sizes of the presets' norms and the 64-dim QK-norm
         (
             rmsnorm._rms_bwd,
-            dict(
-                x_ptr="*bf16",
-                w_ptr="*bf16",
-                dy_ptr="*bf16",
-                rstd_ptr="*fp32",
-                dx_ptr="*bf16",
-                dw_part_ptr="*fp32",
-                n_rows="i32",
-            ),
+            RMS_BWD_ARGS,
             dict(N=n, BLOCK_M=max(1, rmsnorm.MAX_BLOCK_ELEMENTS // b), BLOCK_N=b),
         )
         for n, b in ((64, 64), (512, 512), (2560, 4096))

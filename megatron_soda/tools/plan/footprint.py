@@ -338,19 +338,7 @@ def _record(cfg, structure: Structure) -> Footprint:
         "loss_mask": torch.ones(ids[:, 1:].shape),
     }
 
-    sizes = Sizes(
-        b=t.micro_batch_size,
-        seq=t.seq_length,
-        h=m.hidden_size,
-        hd=m.head_dim,
-        heads=m.num_attention_heads,
-        groups=m.num_query_groups,
-        ffn=m.ffn_hidden_size,
-        vocab=m.padded_vocab_size,
-        chunk=m.ce_chunk_tokens,
-        tp=structure.tp,
-        cp=structure.cp,
-    )
+    sizes = sizes_of(m, t.seq_length, t.micro_batch_size, structure.tp, structure.cp)
     table = symbol_table(sizes, strict=structure.tp == 1)
     keep = [p.untyped_storage() for p in ddp.parameters()]
     keep += [b.grad_data.untyped_storage() for b in ddp.buffers]
