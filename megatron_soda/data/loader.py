@@ -49,7 +49,6 @@ def split_batch(batch: dict[str, torch.Tensor], pad_input_id: int) -> dict[str, 
         "loss_mask": (valid[:, :-1] & valid[:, 1:] & ~prompt[:, 1:]).float(),
         "index": batch["index"],
         "corrupt": batch["corrupt"],
-        "source": batch["source"],
     }
 
 

@@ -278,5 +278,4 @@ class MixtureDataset(Dataset):
                 prompt = mask == 0
                 out[row][prompt] = -out[row][prompt] - 2
             out[row][raw == self.sets[d].sentinel] = PAD
-        source = torch.tensor([d for d, _ in located], dtype=torch.int16)  # the set each sample came from
-        return {"sample": torch.from_numpy(out), "index": torch.tensor(indices), "corrupt": corrupt, "source": source}
+        return {"sample": torch.from_numpy(out), "index": torch.tensor(indices), "corrupt": corrupt}
