@@ -79,6 +79,22 @@ def run_train(run_dir: Path, shards: Path, nproc: int = 1, *overrides: str, chec
     return r
 
 
+def runs_on_first_use(tmp_path_factory, layouts: dict, shards: Path, *overrides: str):
+    """A module fixture's body: `get(name)` is layout `name`'s run directory (`layouts[name]` =
+    (nproc, extra overrides)), trained on first use and then shared by every test that asks."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            nproc, extra = layouts[name]
+            run = tmp_path_factory.mktemp(name) / "run"
+            run_train(run, shards, nproc, *overrides, *extra)
+            made[name] = run
+        return made[name]
+
+    return get
+
+
 def run_until_signal(run_dir: Path, shards: Path, after_steps: int, *overrides: str):
     """Start a single-process run, SIGTERM it once `after_steps` steps are logged, wait for it."""
     proc = subprocess.Popen(

@@ -15,7 +15,7 @@ import pytest
 
 from megatron_soda.config import ConfigError, load_config, validate
 from megatron_soda.model.gpt import cp_chunk_order
-from tests.launch import ROOT, metrics, run_train, soda
+from tests.launch import ROOT, metrics, run_train, runs_on_first_use, soda
 from tests.test_train import _curves, assert_same_curves
 
 pytestmark = pytest.mark.slow
@@ -47,17 +47,7 @@ CP_LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def cp_runs(long_shards, tmp_path_factory):
-    made = {}
-
-    def get(layout: str):
-        if layout not in made:
-            nproc, extra = CP_LAYOUTS[layout]
-            run = tmp_path_factory.mktemp(layout) / "run"
-            _train(run, long_shards, nproc, *STEPS, *extra)
-            made[layout] = run
-        return made[layout]
-
-    return get
+    return runs_on_first_use(tmp_path_factory, CP_LAYOUTS, long_shards, *LONG, *STEPS)
 
 
 @pytest.mark.parametrize("layout", list(CP_LAYOUTS))

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from megatron_soda.config import ConfigError, load_config, validate
-from tests.launch import FUSED, ROOT, SMALL, losses, metrics, run_train, run_until_signal
+from tests.launch import FUSED, ROOT, SMALL, losses, metrics, run_train, run_until_signal, runs_on_first_use
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
@@ -85,17 +85,7 @@ LAYOUTS = {
 def layout_runs(small_shards, tmp_path_factory):
     """Each layout's run directory, trained from scratch with the same seed, made on first use (the
     reshard test reuses TP=2 x PP=2's)."""
-    made = {}
-
-    def get(layout: str):
-        if layout not in made:
-            nproc, extra = LAYOUTS[layout]
-            run = tmp_path_factory.mktemp(layout) / "run"
-            _train(run, small_shards, nproc, *STEPS, *extra)
-            made[layout] = run
-        return made[layout]
-
-    return get
+    return runs_on_first_use(tmp_path_factory, LAYOUTS, small_shards, *SMALL, *STEPS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
