@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import megatron_soda  # noqa: F401  (Triton interpreter switch before Triton is imported)
 from megatron_soda.kernels import fp8
+from megatron_soda.kernels.blockwise_ce import blockwise_linear_cross_entropy
 from megatron_soda.kernels.codec_embedding import fused_embedding
 from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
 from megatron_soda.kernels.grad_accum import add_wgrad_, wgrad_path
@@ -172,7 +173,25 @@ def main() -> int:
     shard2.grad_added_to_main_grad = False
     fused_embedding(ids, shard2, start, start + per, into_main_grad=True).backward(grad_out)
     out["embedding_main_grad"] = float((shard2.main_grad - ref_table.grad[start : start + per]).abs().max())
-    flagged = shard2.grad_added_to_main_grad and wl3.grad_added_to_main_grad
+    # the blockwise kernel (kernels/blockwise_ce.py): the training loss, d(hidden) reduced over TP,
+    # d(weight) added by atomics straight into main_grad
+    hl4 = h.clone().requires_grad_(True)
+    wl4 = w[start : start + per].clone().requires_grad_(True)
+    wl4.main_grad = torch.full(wl4.shape, 0.5, dtype=torch.float32, device=dev)
+    wl4.grad_added_to_main_grad = False
+    nll4, lse4, loss4 = blockwise_linear_cross_entropy(
+        hl4, wl4, labels, start, real, group=dist.group.WORLD, loss_weight=mask, z_loss=1e-2, into_main_grad=True
+    )
+    (3.0 * loss4).backward()
+    out["bw_nll"] = float((nll4.float() - nll_r.detach()).abs().max())
+    out["bw_lse"] = float((lse4.float() - lse_r.detach()).abs().max())
+    out["bw_loss_rel"] = float((loss4.detach() - loss_r.detach()).abs() / loss_r.detach().abs())
+    out["bw_grad_hidden"] = float((hl4.grad.float() - 3.0 * hr.grad).abs().max())
+    out["bw_main_grad"] = float((wl4.main_grad - 0.5 - 3.0 * wr.grad[start : start + per]).abs().max())
+    out["bw_padding_rows"] = (
+        float(wl4.main_grad[max(0, real - start) :].sub(0.5).abs().max()) if real - start < per else 0.0
+    )
+    flagged = shard2.grad_added_to_main_grad and wl3.grad_added_to_main_grad and wl4.grad_added_to_main_grad
     out["main_grad_flagged"] = bool(flagged)
     acc = torch.randn(64, 32, generator=g).to(dev)
     a_, b_ = torch.randn(64, 200, generator=g).to(dtype).to(dev), torch.randn(200, 32, generator=g).to(dtype).to(dev)
@@ -238,6 +257,9 @@ def main() -> int:
         and out["padding_rows_grad"] == 0.0
         and flagged
         and out["ce_main_grad"] <= 3 * tol["grad"]
+        and max(out["bw_nll"], out["bw_lse"], out["bw_loss_rel"]) <= tol["nll"]
+        and max(out["bw_grad_hidden"], out["bw_main_grad"]) <= 3 * tol["grad"]
+        and out["bw_padding_rows"] == 0.0
         and out["embedding_main_grad"] <= tol["grad"]
         and out["wgrad_accum"] <= (1e-2 if a.bf16 else 1e-6)
         and max(out[f"{k}_fwd"] for k in NORMS) <= tol["nll"]

@@ -139,10 +139,17 @@ class ModelConfig:
     attention_backend: Literal["auto", "flash_attn", "sdpa"] = opt("auto", "attention kernel (local layers)")
     # speed switches (SWITCHES below): auto, the fast implementation, the torch reference
     embedding_impl: Literal["auto", "triton", "torch"] = opt("auto", "input embedding: triton is the fused kernel")
-    output_impl: Literal["auto", "fused", "torch"] = opt(
-        "auto", "output layer + CE: fused (Triton, chunked, no full logits) or torch (logits, then CE)"
+    output_impl: Literal["auto", "fused", "torch", "blockwise"] = opt(
+        "auto",
+        "output layer + CE: fused (Triton, chunked, no full logits), torch (logits, then CE) or blockwise "
+        "(Triton, no logits in memory at all; opt-in until measured on a GPU)",
     )
     ce_chunk_tokens: int = opt(4096, "tokens per chunk of the fused output layer (its peak logits memory)")
+    ce_filter_eps: float = opt(
+        0.0,
+        "output_impl blockwise: skip backward tiles whose softmax-minus-one-hot entries are all below this "
+        "(cut-cross-entropy's filtering, an approximation; its bf16 default is 2**-12 = 0.000244); 0: exact",
+    )
     norm_impl: Literal["auto", "triton", "torch"] = opt("auto", "layer norms and QK-norm")
     rope_impl: Literal["auto", "triton", "torch"] = opt("auto", "rotary embedding: triton is one kernel")
     wgrad_impl: Literal["auto", "main_grad", "torch"] = opt(
@@ -261,8 +268,12 @@ class SodaConfig:
         return dataclasses.asdict(self)
 
 
+# cut-cross-entropy's default gradient filter in bf16 (its filter_eps "auto"), for model.ce_filter_eps
+CCE_FILTER_EPS = 2**-12
+
 # Speed switches: name -> (section, key). Each field's Literal type lists `auto`, then the fast
-# implementation, then the torch reference; megatron_soda/model/fast_paths.py resolves `auto`.
+# implementation, then the torch reference, then any opt-in alternatives (picked only by name);
+# megatron_soda/model/fast_paths.py resolves `auto`.
 SWITCHES = {
     "embedding": ("model", "embedding_impl"),
     "output": ("model", "output_impl"),
@@ -278,7 +289,7 @@ def switch_options(name: str) -> tuple[str, str]:
     """(fast, reference) implementation of speed switch `name`, from its field's Literal type."""
     section, key = SWITCHES[name]
     cls = type(getattr(SodaConfig(), section))
-    auto, fast, reference = typing.get_args(typing.get_type_hints(cls)[key])
+    auto, fast, reference, *_opt_in = typing.get_args(typing.get_type_hints(cls)[key])
     return fast, reference
 
 
@@ -584,6 +595,13 @@ def validate(cfg: SodaConfig, world_size: int, need_data: bool = True) -> int:
         raise ConfigError(
             "optim.cautious rescales each tensor by its mask's mean, which needs whole tensors: "
             "use it with parallel.tp 1 and parallel.distributed_optimizer false"
+        )
+    if not (0 <= m.ce_filter_eps < 1):
+        raise ConfigError(f"model.ce_filter_eps must be in [0, 1), got {m.ce_filter_eps}")
+    if m.ce_filter_eps and m.output_impl != "blockwise":
+        raise ConfigError(
+            f"model.ce_filter_eps {m.ce_filter_eps} filters the blockwise kernel's backward: it needs "
+            f"model.output_impl blockwise (got {m.output_impl})"
         )
     if need_data and not cfg.data.paths:
         raise ConfigError("data.paths: no training shard sets given")

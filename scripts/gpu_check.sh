@@ -11,8 +11,9 @@
 #   perf      ~8.5 min: bf16 selfcheck, 30-step bf16 loss comparison all-on vs all-off (135M), the
 #             135M and 1.7B headline rows next to transformers, the 135M lever ablation, the kernel bench
 #   perf2     ~9 min: 600M headline, 1.7B ablation, 4B (needs an H200: 18 B/param = 78.7 GB before activations)
-#   perf3     ~9 min (not yet run): selfchecks with the new kernels, the fair CE race, 135M / 1.7B / 600M / 4B
-#             headline rows, the 135M ablation, FP8 vs bf16 at 1.7B over 100 steps
+#   perf3     ~9 min (not yet run): selfchecks with the new kernels, the fair CE race (incl. the blockwise
+#             output layer), 135M / 1.7B / 600M / 4B headline rows, the 135M ablation, FP8 vs bf16 at 1.7B
+#             and blockwise (exact, filtered) vs fused at 135M over 100 steps
 #   long      ~5 min: long context on one GPU (CP=1): 135M at 8k / 16k / 32k tokens, 600M at 32k
 #             (configs/soda-600m-32k.yaml): tokens/s, both MFU conventions, peak memory
 #   generate  ~3 min: soda generate's tokens/s at batch 1 and 64 (600M, bf16, SDPA)
@@ -88,6 +89,10 @@ for part in $PARTS; do
     bench 1.7b 2 8 3 2 ours,hf 120 --baseline-micro-batch 1
     bench 135m 8 2 5 3 "ours-off,$ABLATION" 120
     bench 1.7b 2 1 100 3 ours,ours+fp8 120 --train.steps 103
+    # the blockwise output layer, exact and with the gradient filter, against ours (fused): 135M over
+    # 100 steps from the same weights and (synthetic, memorised) batches: tokens/s, and what filtering
+    # does to the loss curve (the real-data comparison is the CPU run in docs/PERFORMANCE.md)
+    bench 135m 8 1 100 3 ours,ours+blockwise,ours+filter 200 --train.steps 103
     bench 600m 4 4 3 2 ours 60
     bench 4b 1 8 3 2 ours 60 ;;
   perf2)  # the rest of issue 14's list (another ~9 min): 600M headline, 1.7B ablation, 4B on an H200

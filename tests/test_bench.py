@@ -10,6 +10,7 @@ import torch
 from megatron_soda.config import ModelConfig, UserError
 from megatron_soda.model.flops import flops_per_token, mfu
 from megatron_soda.tools.bench.train import bench_layout
+from tests.conftest import SMALL_LAYOUT
 from tests.launch import soda
 
 SMALL = dict(
@@ -96,7 +97,7 @@ _TINY = dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_grou
 
 
 @pytest.mark.slow
-def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
+def test_bench_train_ours_and_transformers_on_cpu(small_shards, tmp_path):
     res = tmp_path / "train.jsonl"
     common = ["--config", "configs/tiny.yaml", "--device", "cpu", "--steps", "2", "--warmup", "1"]
     common += ["--results", str(res), "--plot", str(tmp_path / "train.png"), "--model.vocab_size", "16974"]
@@ -113,6 +114,7 @@ def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
         assert r["mfu"] == pytest.approx(TINY_FLOPS_PER_TOKEN * r["tokens_per_s_per_gpu"] / 1e12)  # peak 1 TFLOP/s
     assert rows[1]["ours_over_this"] == pytest.approx(rows[0]["tokens_per_s_per_gpu"] / rows[1]["tokens_per_s_per_gpu"])
     assert "ours/this" in p.stdout and "hf" in p.stdout and (tmp_path / "train.png").stat().st_size > 10_000
+    assert rows[0]["data"] == "synthetic" and rows[0]["losses"][0] == pytest.approx(math.log(16974), rel=0.05)
     # a TP=2 layout on two ranks appends to the same file and plot; the bench feeds its own batches,
     # so a config without data (the suite presets) is fine
     tp2 = ["--nproc", "2", "--parallel.tp", "2", "--data.paths", "[]"]
@@ -120,6 +122,15 @@ def test_bench_train_ours_and_transformers_on_cpu(tmp_path):
     rows = [json.loads(x) for x in res.read_text().splitlines()]
     assert len(rows) == 3 and rows[2]["tp"] == 2 and rows[2]["world"] == 2
     _check_row(rows[2])
+    # --real-data: each step its own global batch of the config's shards (their layout's vocabulary),
+    # the blockwise output layer opt-in by variant
+    real = ["--config", "configs/tiny.yaml", "--device", "cpu", "--steps", "1", "--warmup", "1", "--real-data"]
+    real += ["--data.paths", f"[{small_shards}]", "--train.seq_length", "128", "--results", str(res), "--plot", ""]
+    soda("bench", "train", *real, "--variants", "ours+blockwise")
+    row = json.loads(res.read_text().splitlines()[-1])
+    assert row["data"] == f"real: {small_shards}" and row["fast_paths"]["output"] == "blockwise"
+    assert row["vocab"] == SMALL_LAYOUT.vocab_size
+    assert row["losses"][0] == pytest.approx(math.log(row["vocab"]), rel=0.05)  # random ids: ~uniform at the start
 
 
 @pytest.mark.slow
@@ -135,6 +146,10 @@ def test_bench_train_bad_input_is_one_line(tmp_path):
     p = soda("bench", "train", *common, "--variants", "ours,hf", "--parallel.cuda_graph", "full_iteration", check=False)
     assert p.returncode == 2 and "variant ours failed" in p.stderr and "Traceback" not in p.stderr
     assert [json.loads(x)["variant"] for x in res.read_text().splitlines()] == ["hf"]
+    p = soda("bench", "train", *common, "--variants", "ours,hf", "--real-data", check=False)
+    assert p.returncode == 2 and "--real-data: the transformers baselines" in p.stderr and "Traceback" not in p.stderr
+    p = soda("bench", "train", *common, "--variants", "ours", "--real-data", check=False)
+    assert p.returncode == 2 and "data.paths: no training shard sets given" in p.stderr and "Traceback" not in p.stderr
     p = soda("bench", "loader", "--parallel.tp", "2", check=False)
     assert p.returncode == 2 and "unrecognized" in p.stderr
 

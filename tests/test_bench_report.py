@@ -168,3 +168,19 @@ def test_the_bench_chart_of_the_committed_rows_has_its_headline_and_ablation_fig
     rows = report.load_rows(ROOT / "docs" / "bench", "train_h200.jsonl")
     out = plot_bench(rows + report.load_rows(ROOT / "docs" / "bench", "train_cpu_long.jsonl"), tmp_path / "t.png")
     assert out.stat().st_size > 20_000 and (tmp_path / "t_levers.png").stat().st_size > 20_000
+
+
+def test_kernel_tables_show_the_columns_their_rows_hold_and_the_fair_race(tmp_path):
+    """A file of the fair race with the blockwise kernel: its columns and the race's op appear, in the
+    peers' order; a file without them (the committed ones) keeps its columns."""
+
+    def impl(name: str, seconds: float) -> dict:
+        return {"impl": name, "seconds": seconds, "peak_mib": 100.0, "speedup_of_fused": seconds / 0.01}
+
+    race = [impl("fused", 0.01), impl("torch", 0.02), impl("blockwise", 0.008), impl("cut-cross-entropy-exact", 0.009)]
+    (tmp_path / "k.json").write_text(json.dumps([{"hidden": 576, "tokens": 8192, "ce_race": race}]))
+    table = report.render_kernels("k.json")(tmp_path)
+    head = table.split("\n\n")[1].splitlines()[0]
+    assert head.index("ours blockwise ms") < head.index("torch ms") < head.index("cut-cross-entropy exact ms")
+    assert "| linear + CE, fair race | 576 | 8,192 | 10.00 | 8.00 (0.80x) | 20.00 (2.00x) | 9.00 (0.90x) |" in table
+    assert "blockwise" not in report.render_kernels("kernels_h200.json")(BENCH)

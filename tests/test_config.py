@@ -71,6 +71,8 @@ def test_speed_switches_resolve_per_device_and_refuse_what_the_device_cannot_run
     assert big.cuda_graph == "none" and big.wgrad == "main_grad"
     mine = resolve_fast_paths(load_config(None, ["--model.norm_impl", "triton"]), cuda=False)
     assert mine.norm == "triton"  # an explicit choice is kept (the interpreter runs it on CPU)
+    opt_in = resolve_fast_paths(load_config(None, ["--model.output_impl", "blockwise"]), cuda=True)
+    assert opt_in.output == "blockwise" and opt_in.fused_output  # picked by name only: auto never takes it
     for args, cuda, message in (
         (["--parallel.cuda_graph", "full_iteration"], False, "needs a GPU"),
         (["--parallel.cuda_graph", "full_iteration", "--parallel.pp", "2"], True, "parallel.pp 1 only"),
@@ -89,6 +91,13 @@ def test_bench_variants_name_their_levers():
     one = variant_overrides("ours-off+graphs+adam")
     assert one["parallel"]["cuda_graph"] == "full_iteration" and one["optim"]["adam_impl"] == "fused"
     assert one["model"]["norm_impl"] == "torch" and variant_overrides("ours") == {}
-    for bad, message in (("ours-off+turbo", "unknown lever 'turbo'"), ("hf+graphs", "unknown variant")):
+    filtered = variant_overrides("ours+filter")["model"]
+    assert filtered["output_impl"] == "blockwise" and filtered["ce_filter_eps"] == 2**-12
+    assert variant_overrides("ours-off+rope+blockwise")["model"]["output_impl"] == "blockwise"
+    for bad, message in (
+        ("ours-off+turbo", "unknown lever 'turbo'"),
+        ("hf+graphs", "unknown variant"),
+        ("ours-nokernels+filter", "puts a kernel into ours-nokernels"),
+    ):
         with pytest.raises(UserError, match=message):
             check_variant(bad)

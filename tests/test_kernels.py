@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import megatron_soda  # noqa: F401  (Triton interpreter on CPU)
+from megatron_soda.kernels.blockwise_ce import blockwise_linear_cross_entropy
 from megatron_soda.kernels.codec_embedding import fused_embedding
 from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
 from megatron_soda.kernels.grad_accum import wgrad_gemm_accum_fp32
@@ -88,9 +89,42 @@ def test_embedding_matches_torch_on_a_vocab_shard(dtype, deterministic):
     assert check_embedding(dtype, deterministic) == [], f"seed {SEED}"
 
 
-def check_ce(start=0, v_local=1024, real=1000, mode="nll_lse", plant: str | None = None) -> list[str]:
-    """The outputs of the fused linear + CE (nll, lse, loss, d_hidden, d_weight) that differ from
-    logits -> logsumexp; [] = parity."""
+@contextlib.contextmanager
+def _small_ce_tiles():
+    """The blockwise kernel's interpreter launch as a GPU's, in miniature: 16-token by 128-row tiles
+    (13 token blocks: the last group of GROUP_T token blocks is short), 3 vocabulary slices in the
+    forward (unequal), the hidden dimension in two steps (the second partial)."""
+    from megatron_soda.kernels import blockwise_ce as bw
+
+    names = ("INTERPRETER_BLOCK_T", "INTERPRETER_BLOCK_V", "INTERPRETER_LSE_SPLITS", "INTERPRETER_BLOCK_K")
+    names += ("BLOCK_T", "BLOCK_V")  # the GPU's tiles: a filtered backward uses them in the interpreter too
+    saved = {k: getattr(bw, k) for k in names}
+    bw.INTERPRETER_BLOCK_T, bw.INTERPRETER_BLOCK_V, bw.INTERPRETER_LSE_SPLITS, bw.INTERPRETER_BLOCK_K = 16, 128, 3, 16
+    bw.BLOCK_T, bw.BLOCK_V = 16, 128
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(bw, k, v)
+
+
+def _linear_ce(impl: str, *args, **kw):
+    """kernels/fused_ce.py (chunk 64) or kernels/blockwise_ce.py, the same arguments otherwise."""
+    if impl == "blockwise":
+        return blockwise_linear_cross_entropy(*args, **kw)
+    return fused_linear_cross_entropy(*args, chunk=64, **kw)
+
+
+def check_ce(
+    start=0, v_local=1024, real=1000, mode="nll_lse", plant: str | None = None, impl="fused", small_blocks=False
+) -> list[str]:
+    """The outputs of the fused or blockwise linear + CE (nll, lse, loss, d_hidden, d_weight) that
+    differ from logits -> logsumexp; [] = parity."""
+    with _small_ce_tiles() if small_blocks else contextlib.nullcontext():
+        return _check_ce(start, v_local, real, mode, plant, impl)
+
+
+def _check_ce(start, v_local, real, mode, plant, impl) -> list[str]:
     g = _gen(1)
     n, hidden, z = 203, 24, 0.3  # not a multiple of the chunk
     h = torch.randn(n, hidden, generator=g, requires_grad=True)
@@ -101,11 +135,11 @@ def check_ce(start=0, v_local=1024, real=1000, mode="nll_lse", plant: str | None
     mask = (torch.rand(n, generator=g) > 0.3).float()
     hp, wp = _in(plant, "d_hidden", h), _in(plant, "d_weight", w)
     if mode == "loss":
-        nll, lse, loss = fused_linear_cross_entropy(hp, wp, labels, start, real, chunk=64, loss_weight=mask, z_loss=z)
+        nll, lse, loss = _linear_ce(impl, hp, wp, labels, start, real, loss_weight=mask, z_loss=z)
         assert not nll.requires_grad and not lse.requires_grad
         nll, lse, loss = _out(plant, "nll", nll), _out(plant, "lse", lse), _out(plant, "loss", loss)
     else:
-        nll, lse = fused_linear_cross_entropy(hp, wp, labels, start, real, chunk=64)
+        nll, lse = _linear_ce(impl, hp, wp, labels, start, real)
         nll, lse = _out(plant, "nll", nll), _out(plant, "lse", lse)
         loss = _out(plant, "loss", (mask * (nll + z * lse.square())).sum())
     (2.5 * loss).backward()  # an upstream gradient other than 1 reaches both paths
@@ -127,13 +161,60 @@ def check_ce(start=0, v_local=1024, real=1000, mode="nll_lse", plant: str | None
     return bad + ([] if (w.grad[pad] == 0).all() else ["d_weight padding rows"])  # never any probability mass
 
 
+@pytest.mark.parametrize("impl,small_blocks", [("fused", False), ("blockwise", True), ("blockwise", False)])
 @pytest.mark.parametrize("mode", ["nll_lse", "loss"])
 @pytest.mark.parametrize("start,v_local,real", [(0, 1024, 1000), (512, 512, 1000), (0, 512, 1000)])
-def test_fused_linear_ce_matches_logits_then_logsumexp(start, v_local, real, mode):
+def test_fused_linear_ce_matches_logits_then_logsumexp(start, v_local, real, mode, impl, small_blocks):
     """TP=1 (whole vocab with padding), and one TP=2 shard holding the padding rows / none of them;
-    both the general path (any gradient on NLL and log Z, recomputed in backward) and the training
-    path (a masked loss with z-loss whose gradients are computed in the forward)."""
-    assert check_ce(start, v_local, real, mode) == [], f"seed {SEED}"
+    both the general path (any gradient on NLL and log Z) and the training path (a masked loss with
+    z-loss); the chunked kernel (whose training path computes its gradients in the forward) and the
+    blockwise one, with the interpreter's one large tile and with GPU-like small tiles."""
+    assert check_ce(start, v_local, real, mode, impl=impl, small_blocks=small_blocks) == [], f"seed {SEED}"
+
+
+def test_blockwise_gradient_filter_skips_only_tiles_below_its_threshold():
+    """`filter_eps`: a tile whose softmax-minus-one-hot entries are all below it adds nothing (the
+    vocabulary rows 128..255, pushed ~25 nats below the rest: probabilities ~1e-11), except where a
+    token's label sits in it (token 0's: the one-hot keeps its tile, so its -1 is never dropped);
+    every other tile's gradient is the exact one; the forward is untouched; a threshold above every
+    entry leaves no gradient at all, and 0 is the exact kernel."""
+    g = _gen(7)
+    n, hidden = 90, 24
+    h = torch.randn(n, hidden, generator=g)
+    h[:, 0] = 1.0
+    w = torch.randn(512, hidden, generator=g) * 0.3
+    w[:, 0] = 0.0
+    w[128:256, 0] = -25.0  # a far-from-likely tile
+    labels = torch.randint(0, 128, (n,), generator=g)
+    labels[:40] += 256
+    labels[0] = 200  # token 0's label in the unlikely tile: tokens 0..15 (one 16-token block) keep it
+    out = {}
+    for eps in (0.0, 1e-6, 2.0):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with _small_ce_tiles():  # the tiles are cut at launch: forward and backward
+            nll, lse, loss = blockwise_linear_cross_entropy(
+                hh, ww, labels, 0, 500, loss_weight=torch.ones(n), filter_eps=eps
+            )
+            loss.backward()
+        out[eps] = (nll, lse, hh.grad, ww.grad)
+    exact, filtered, everything = out[0.0], out[1e-6], out[2.0]
+    assert torch.equal(exact[0], filtered[0]) and torch.equal(exact[1], filtered[1]), "the forward does not filter"
+    # the unlikely rows get only the kept block's share: tokens 0..15 (softmax minus one-hot) x hidden
+    p = torch.softmax((h @ w.t())[:, :500], -1)
+    d = p - torch.nn.functional.one_hot(labels, 500)
+    kept_share = d[:16, 128:256].t() @ h[:16]
+    assert (exact[3][128:256] - kept_share).abs().max() > 0, "the other blocks' share is there without filtering"
+    assert torch.allclose(filtered[3][128:256], kept_share, rtol=1e-3, atol=1e-15), f"seed {SEED}"
+    assert filtered[3][200].abs().max() > 0.1  # token 0's -1 reached its label's row
+    rest = torch.ones(512, dtype=torch.bool)
+    rest[128:256] = False
+    assert _close(filtered[3][rest], exact[3][rest], 2e-5, rel_to_max=True), f"seed {SEED}"
+    assert _close(filtered[2], exact[2], 1e-6, rel_to_max=True), f"seed {SEED}"  # the skipped tiles' share is ~1e-11
+    assert (everything[2] == 0).all() and (everything[3] == 0).all()
+    from megatron_soda.kernels import blockwise_ce as bw
+
+    # what filtering drops depends on the tile: the interpreter filters with the GPU's tiles
+    assert bw._blocks(h, filtered=True)[:2] == (bw.BLOCK_T, bw.BLOCK_V) != bw._blocks(h)[:2]
 
 
 def _main_grad(w: torch.Tensor, fill: float = 0.25) -> torch.Tensor:
@@ -166,6 +247,15 @@ def test_kernels_add_their_weight_gradient_into_main_grad():
     (1.5 * loss_r).backward()
     assert w.grad_added_to_main_grad
     assert (w.main_grad - 0.25 - wr.grad).abs().max() <= 2e-5 * max(1.0, wr.grad.abs().max().item()), f"seed {SEED}"
+
+    wb = _main_grad(w.detach().clone().requires_grad_(True))  # the blockwise kernel: atomics straight into main_grad
+    with _small_ce_tiles():
+        _, _, loss_b = blockwise_linear_cross_entropy(
+            h.detach(), wb, labels, 0, 250, loss_weight=mask, into_main_grad=True
+        )
+        (1.5 * loss_b).backward()
+    assert wb.grad_added_to_main_grad
+    assert (wb.main_grad - 0.25 - wr.grad).abs().max() <= 2e-5 * max(1.0, wr.grad.abs().max().item()), f"seed {SEED}"
 
 
 def test_wgrad_gemm_and_multi_tensor_ops_match_megatron():
@@ -264,11 +354,17 @@ def test_rope_matches_megatron_unfused_on_a_strided_view():
     assert check_rope() == [], f"seed {SEED}"
 
 
-CHECKS = {"embedding": check_embedding, "fused_ce": check_ce, "rmsnorm": check_rmsnorm, "rope": check_rope}
+CHECKS = {
+    "embedding": check_embedding,
+    "fused_ce": check_ce,
+    "blockwise_ce": lambda plant, mode="nll_lse": check_ce(mode=mode, plant=plant, impl="blockwise"),
+    "rmsnorm": check_rmsnorm,
+    "rope": check_rope,
+}
 PLANTED = [
     ("embedding", "forward"),
     ("embedding", "d_table"),
-    *[("fused_ce", out) for out in ("nll", "lse", "loss", "d_hidden", "d_weight")],
+    *[(ce, out) for ce in ("fused_ce", "blockwise_ce") for out in ("nll", "lse", "loss", "d_hidden", "d_weight")],
     ("rmsnorm", "forward"),
     ("rmsnorm", "d_x"),
     ("rmsnorm", "d_w"),
@@ -282,8 +378,8 @@ def test_a_bug_planted_in_any_output_of_a_kernel_fails_its_parity_check(kernel, 
     """Every output of every kernel (forward values and each gradient) is compared by its parity
     check: a 1% error planted in that one output makes the check name it."""
     assert output in CHECKS[kernel](plant=output), (kernel, output)
-    if kernel == "fused_ce":  # the training path (gradients computed in the forward) too
-        assert output in check_ce(mode="loss", plant=output), (kernel, output, "loss mode")
+    if kernel.endswith("_ce"):  # the training path (a masked loss with z-loss) too
+        assert output in CHECKS[kernel](plant=output, mode="loss"), (kernel, output, "loss mode")
     if kernel == "rmsnorm":  # the multi-program backward (partial d(weight) rows) and the QK-norm shape too
         assert output in check_rmsnorm((9, 2, 4, 64), plant=output, small_blocks=True), (kernel, output, "small blocks")
 
@@ -302,7 +398,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout + r.stderr[-2000:]
 
 
-def test_fused_linear_ce_loss_without_grad_skips_the_gradient_work():
+@pytest.mark.parametrize("impl", ["fused", "blockwise"])
+def test_fused_linear_ce_loss_without_grad_skips_the_gradient_work(impl):
     """Evaluation runs under no_grad: the training path then returns the same numbers without a
     graph (so no gradient work is kept for a backward that cannot come)."""
     g = _gen(2)
@@ -311,8 +408,8 @@ def test_fused_linear_ce_loss_without_grad_skips_the_gradient_work():
     labels = torch.randint(0, 250, (50,), generator=g)
     ones = torch.ones(50)
     with torch.no_grad():
-        a = fused_linear_cross_entropy(h, w, labels, 0, 250, chunk=32, loss_weight=ones, z_loss=1e-4)
-    b = fused_linear_cross_entropy(h, w, labels, 0, 250, chunk=32, loss_weight=ones, z_loss=1e-4)
+        a = _linear_ce(impl, h, w, labels, 0, 250, loss_weight=ones, z_loss=1e-4)
+    b = _linear_ce(impl, h, w, labels, 0, 250, loss_weight=ones, z_loss=1e-4)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y.detach())
     assert not a[2].requires_grad and b[2].requires_grad
@@ -332,6 +429,13 @@ SELFCHECK_FP32_LIMITS = {
     "ce_loss_grad_weight": 2e-5,
     "ce_main_grad": 6e-5,
     "padding_rows_grad": 0.0,
+    # the blockwise kernel (fp32 atomics in another order than the reference's sums)
+    "bw_nll": 2e-5,
+    "bw_lse": 2e-5,
+    "bw_loss_rel": 2e-5,
+    "bw_grad_hidden": 6e-5,
+    "bw_main_grad": 6e-5,
+    "bw_padding_rows": 0.0,
     "main_grad_flagged": True,
     "wgrad_accum": 1e-6,
     **{
@@ -395,20 +499,23 @@ LEVERS = (  # every speed switch the CPU backend can run (CUDA graphs need a GPU
 @pytest.mark.slow
 def test_training_loss_with_kernels_and_levers_equals_without(small_shards, tmp_path):
     """Same init, same data: the torch paths at TP=1 vs every kernel and lever at TP=2 with sequence
-    parallelism (embedding reduce-scatter, gathered fused output layer, the norms' weight gradients
-    reduced over TP, weight gradients accumulated into main_grad, fused AdamW): the same loss,
+    parallelism (embedding reduce-scatter, gathered output layer, the norms' weight gradients
+    reduced over TP, weight gradients accumulated into main_grad, fused AdamW), with each output
+    kernel (chunked fused; blockwise, its atomics adding into megatron's main_grad): the same loss,
     gradient norm and weight norm at every step. At TP=1 the kernels have their parity tests above,
     and the fused AdamW + main_grad path trains in tests/test_train.py."""
     from tests.test_train import _curves, assert_same_curves
 
     ref = tmp_path / "ref"  # the initial weights do not depend on the layout (model.init layout_invariant)
     run_train(ref, small_shards, 1, *SMALL, "--train.steps", "2")
-    kernels = ("--model.embedding_impl", "triton", "--model.output_impl", "fused", "--model.ce_chunk_tokens", "200")
-    tp2 = tmp_path / "tp2"
     sp = ("--parallel.tp", "2", "--parallel.sequence_parallel", "true")
-    run_train(tp2, small_shards, 2, *SMALL, "--train.steps", "2", *sp, *kernels, *LEVERS)
-    assert_same_curves(_curves(tp2), _curves(ref), "kernels and levers at TP=2 + SP")
-    assert "norm: triton" in (tp2 / "fast_paths.yaml").read_text()
+    for output in ("fused", "blockwise"):
+        kernels = ("--model.embedding_impl", "triton", "--model.output_impl", output, "--model.ce_chunk_tokens", "200")
+        tp2 = tmp_path / f"tp2-{output}"
+        run_train(tp2, small_shards, 2, *SMALL, "--train.steps", "2", *sp, *kernels, *LEVERS)
+        assert_same_curves(_curves(tp2), _curves(ref), f"kernels ({output} output) and levers at TP=2 + SP")
+        fast_paths = (tp2 / "fast_paths.yaml").read_text()
+        assert "norm: triton" in fast_paths and f"output: {output}" in fast_paths
 
 
 def test_bench_kernels_prints_ratios_and_runs_the_fair_race(tmp_path):
@@ -434,7 +541,7 @@ def test_bench_kernels_prints_ratios_and_runs_the_fair_race(tmp_path):
     assert "fair CE race  hidden 32, 64 tokens" in text and "cut-cross-entropy: skipped" in text
     rows = json.loads(out.read_text())
     (race,) = [row for row in rows if "ce_race" in row]
-    assert [x["impl"] for x in race["ce_race"]] == ["fused", "torch", "megatron-core"]
+    assert [x["impl"] for x in race["ce_race"]] == ["fused", "blockwise", "blockwise+filter", "torch", "megatron-core"]
     assert {"liger-kernel", "cut-cross-entropy", "cut-cross-entropy-exact"} <= set(race["race"]["skipped"])
     nll = race["race"]["mean_nll"]
     assert max(nll.values()) - min(nll.values()) < 1e-4, nll

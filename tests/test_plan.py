@@ -182,6 +182,26 @@ def test_activation_scaling_rules_predict_measurements_at_other_shapes():
     close(cp2, cp2b, cp2b.measured_at, 0.02)
 
 
+def test_blockwise_output_layer_is_planned_from_its_measurement_without_logits():
+    """`soda plan` with `model.output_impl blockwise` measures that kernel (in the interpreter) like any
+    structure: the rule predicts it at another shape, and at the 135M preset's micro-batch (8 x 4096
+    tokens) its output layer holds about its fp32 d(hidden) (tokens x hidden, 75 MB), where the
+    chunked kernel holds a 4096-token chunk of logits and an fp32 weight gradient (2.9 GB)."""
+    from megatron_soda.config import load_config
+    from megatron_soda.tools.plan.footprint import Structure, measure, sizes_of
+
+    fused = Structure(embedding="triton", output="fused", norm="torch", rope="triton", wgrad="main_grad")
+    blockwise = Structure(embedding="triton", output="blockwise", norm="torch", rope="triton", wgrad="main_grad")
+    other = tuple(sorted(dict(b=3, s=24, h=48, hd=8, heads=10, groups=2, ffn=88, vocab=516, vocab_pad=128).items()))
+    a, b = measure(blockwise), measure(blockwise, other)
+    ruled, measured = a.timeline(b.measured_at, 2, True, True, False), b.timeline(b.measured_at, 2, True, True)
+    assert abs(ruled["peak"] / measured["peak"] - 1) < 0.01, (ruled, measured)
+    big = sizes_of(load_config(str(CONFIGS / "soda-135m.yaml")).model, 4096, 8)
+    out_bw = a.timeline(big, 30, True, True, False)["output"]
+    out_fused = measure(fused).timeline(big, 30, True, True, False)["output"]
+    assert out_bw < 0.05 * out_fused and out_bw < 1.5 * big.b * big.seq * big.h * 4, (out_bw, out_fused)
+
+
 def _row_predictions():
     from megatron_soda.tools.plan import timing
     from megatron_soda.tools.plan.layout import Layout

@@ -261,6 +261,12 @@ def _cfg(**overrides):
         ({"optim__lr": float("inf")}, 1, "optim.lr and optim.min_lr must be finite and >= 0"),
         ({"optim__warmup_fraction": 1.5}, 1, "optim.warmup_fraction must be in [0, 1], got 1.5"),
         ({"optim__decay_fraction": 0.99}, 1, "exceed the run (their sum must be <= 1)"),
+        ({"model__ce_filter_eps": 1e-4}, 1, "model.ce_filter_eps 0.0001 filters the blockwise kernel's backward"),
+        (
+            {"model__ce_filter_eps": 1.5, "model__output_impl": "blockwise"},
+            1,
+            "model.ce_filter_eps must be in [0, 1), got 1.5",
+        ),
     ],
 )
 def test_bad_configs_fail_before_any_work(overrides, world, message):

@@ -41,7 +41,8 @@ class FastPaths:
 
     @property
     def fused_output(self) -> bool:
-        return self.output == "fused"
+        """The output layer's projection happens inside the loss kernel (fused or blockwise)."""
+        return self.output != "torch"
 
     def describe(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(self).items())

@@ -49,31 +49,33 @@ def output_losses(
     vocab_start: int,
     weight_fn,
     sequence_parallel: bool = False,
-    fused: bool = False,
+    impl: str = "torch",
     into_main_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(nll, log_z, loss) from the last stage's output: logits (torch path) or, with the fused output
-    layer (`fused`), hidden states that the fused kernel projects chunk by chunk. nll and log_z are
-    [b, s]; loss = sum(mask * (nll + z_weight * log_z^2)) is what backward differentiates."""
-    if not fused:
+    """(nll, log_z, loss) from the last stage's output: logits (`impl` torch) or hidden states that
+    a kernel projects itself (the resolved `model.output_impl`: fused, chunk by chunk; blockwise,
+    tile by tile). nll and log_z are [b, s]; loss = sum(mask * (nll + z_weight * log_z^2)) is what
+    backward differentiates."""
+    if impl == "torch":
         nll, log_z = token_losses(output, labels, vocab_start, m.vocab_size)
         return nll, log_z, (nll * mask).sum() + z_weight * (log_z.square() * mask).sum()
-    from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
-
     b, s, h = output.shape
-    nll, log_z, loss = fused_linear_cross_entropy(
-        output.reshape(b * s, h),
-        weight_fn(),
-        labels.reshape(-1),
-        vocab_start,
-        m.vocab_size,
-        chunk=m.ce_chunk_tokens,
+    args = (output.reshape(b * s, h), weight_fn(), labels.reshape(-1), vocab_start, m.vocab_size)
+    common = dict(
         group=ps.get_tensor_model_parallel_group(),
         reduce_grad_input=not sequence_parallel,
         loss_weight=mask.reshape(-1),
         z_loss=z_weight,
         into_main_grad=into_main_grad,
     )
+    if impl == "blockwise":
+        from megatron_soda.kernels.blockwise_ce import blockwise_linear_cross_entropy
+
+        nll, log_z, loss = blockwise_linear_cross_entropy(*args, filter_eps=m.ce_filter_eps, **common)
+    else:
+        from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
+
+        nll, log_z, loss = fused_linear_cross_entropy(*args, chunk=m.ce_chunk_tokens, **common)
     return nll.view(b, s), log_z.view(b, s), loss
 
 

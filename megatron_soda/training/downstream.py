@@ -33,7 +33,7 @@ from megatron_soda.training.likelihood import (
 )
 
 
-def _forward_step(cfg: SodaConfig, device: str, fused_output: bool):
+def _forward_step(cfg: SodaConfig, device: str, output_impl: str):
     """megatron's forward_step_func for scoring: the training forward (make_forward_step's, CP split
     included), whose loss function returns each sequence's summed NLL over its masked tokens (the
     vocab-parallel loss has reduced over TP already)."""
@@ -70,7 +70,7 @@ def _forward_step(cfg: SodaConfig, device: str, fused_output: bool):
                 vocab_start,
                 lambda: output_weight(model),
                 cfg.parallel.sequence_parallel,
-                fused=fused_output,
+                impl=output_impl,
             )
             sums = (nll.detach().double() * mask.double()).sum(dim=1)  # [micro-batch]
             return sums.sum(), mask.sum().to(torch.int), {"sums": sums}
@@ -92,7 +92,7 @@ class MegatronLogProbs:
         t = cfg.train
         self.trainer, self.seq, self.mbs, self.eos = trainer, t.seq_length, t.micro_batch_size, trainer.layout.eos_id
         self.pp_multiple = cfg.parallel.pp if cfg.parallel.vpp > 1 else 1  # the interleaved schedule's condition
-        self.forward_step = _forward_step(cfg, trainer.device, trainer.fast_paths.fused_output)
+        self.forward_step = _forward_step(cfg, trainer.device, trainer.fast_paths.output)
 
     def logprob_sums(self, requests: list[Request]) -> list[float]:
         import torch

@@ -356,7 +356,7 @@ def make_forward_step(cfg: SodaConfig, layout, device: str, fp: FastPaths | None
                 vocab_start,
                 lambda: output_weight(model),
                 cfg.parallel.sequence_parallel,
-                fused=fp.fused_output,
+                impl=fp.output,
                 into_main_grad=fp.wgrad == "main_grad",
             )
             nll_sum = (nll.detach() * mask).sum()

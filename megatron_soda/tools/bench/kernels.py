@@ -5,7 +5,9 @@ megatron's fp32 `main_grad`, our kernels add into it directly (gradient-accumula
 others produce a bf16 gradient that is then added to it, as megatron's DDP hook does.
 Embedding: fused lookup vs torch's F.embedding path and megatron-core's VocabParallelEmbedding.
 Output layer: our fused linear + cross-entropy (the training path: gradients computed in the
-forward) vs torch linear + F.cross_entropy and megatron-core's vocab_parallel_cross_entropy, and
+forward), our blockwise kernel (no logits in memory; exact, and with cut-cross-entropy's gradient
+filter: `blockwise+filter`) vs torch linear + F.cross_entropy and megatron-core's
+vocab_parallel_cross_entropy, and
 the well-kept peers when installed (Liger-Kernel's fused linear cross-entropy, Apple's
 cut-cross-entropy), twice: on random inputs (`ce`: near-uniform logits, which flatter a kernel that
 skips small gradients, as cut-cross-entropy's default does) and in the fair race (`race`: inputs
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import megatron_soda  # noqa: F401  (Triton interpreter switch before Triton is imported)
-from megatron_soda.config import UserError
+from megatron_soda.config import CCE_FILTER_EPS, UserError
 from megatron_soda.tools.bench import write_json
 
 if TYPE_CHECKING:
@@ -130,6 +132,7 @@ def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, c
     import torch.nn.functional as F
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    from megatron_soda.kernels.blockwise_ce import blockwise_linear_cross_entropy
     from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
 
     cuda = dev.startswith("cuda")
@@ -145,6 +148,15 @@ def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, c
         loss.backward()
         _ddp_hook(w)
 
+    def blockwise(filter_eps: float = 0.0):
+        def run():
+            blockwise_linear_cross_entropy(
+                h, w, labels, 0, vocab, loss_weight=ones, into_main_grad=True, filter_eps=filter_eps
+            )[2].backward()
+            _ddp_hook(w)
+
+        return run
+
     def torch_ref():
         F.cross_entropy((h @ w.t()).float(), labels, reduction="sum").backward()
         _ddp_hook(w)
@@ -154,7 +166,13 @@ def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, c
         vocab_parallel_cross_entropy(logits[:, None, :], labels[:, None]).sum().backward()
         _ddp_hook(w)
 
-    cands = [("fused", fused), ("torch", torch_ref), ("megatron-core", megatron)]
+    cands = [
+        ("fused", fused),
+        ("blockwise", blockwise()),
+        ("blockwise+filter", blockwise(CCE_FILTER_EPS)),
+        ("torch", torch_ref),
+        ("megatron-core", megatron),
+    ]
     if cuda:  # the peers are GPU-only (Triton kernels compiled for CUDA)
         try:
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
@@ -331,6 +349,7 @@ def bench_ce_race(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dty
     import torch.nn.functional as F
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    from megatron_soda.kernels.blockwise_ce import blockwise_linear_cross_entropy
     from megatron_soda.kernels.fused_ce import fused_linear_cross_entropy
 
     cuda = dev.startswith("cuda")
@@ -358,6 +377,15 @@ def bench_ce_race(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dty
                 h, w, labels, 0, vocab, chunk=chunk, loss_weight=ones, into_main_grad=True
             )[2],
         ),
+        *[
+            timed(
+                name,
+                lambda eps=eps: blockwise_linear_cross_entropy(
+                    h, w, labels, 0, vocab, loss_weight=ones, into_main_grad=True, filter_eps=eps
+                )[2],
+            )
+            for name, eps in (("blockwise", 0.0), ("blockwise+filter", CCE_FILTER_EPS))
+        ],
         timed("torch", lambda: F.cross_entropy((h @ w.t()).float(), labels, reduction="sum")),
         timed(
             "megatron-core",

@@ -76,7 +76,10 @@ def flops_of(row: dict) -> tuple[float, float]:
     the row's own `flops_per_token`: a formula changed since the row was measured must not go unseen."""
     from megatron_soda.model.flops import flops_per_token
 
-    model = _model_config(row["preset"], _model_overrides(row.get("command", "")))
+    overrides = _model_overrides(row.get("command", ""))
+    if "vocab" in row:  # the vocabulary the row ran with (a preset's 0 means the data's)
+        overrides += (("--model.vocab_size", str(row["vocab"])),)
+    model = _model_config(row["preset"], overrides)
     full = flops_per_token(model, row["seq_len"])
     if not math.isclose(full, row["flops_per_token"], rel_tol=1e-9):
         raise UserError(
@@ -294,10 +297,20 @@ def render_train_cpu(bench: Path) -> str:
     return "\n\n".join([_provenance("train_cpu.jsonl", rows), _table(head, body), _commands(rows, letters)])
 
 
+def _loss_reference(run: list[dict]) -> dict | None:
+    """What a run's loss curves are held against: its `ours-off` row (the levers), else its `ours`
+    row (opt-in features: +fp8, +blockwise, +filter)."""
+    for name in ("ours-off", "ours"):
+        ref = next((r for r in run if r["variant"] == name and r.get("losses")), None)
+        if ref is not None:
+            return ref
+    return None
+
+
 def _loss_rows(file: str, rows: list[dict]) -> list[list[str]]:
     letters, body = _letters(rows), []
     for cmd, run in runs(rows).items():
-        off = next((r for r in run if r["variant"] == "ours-off" and r.get("losses")), None)
+        off = _loss_reference(run)
         if off is None:
             continue
         for r in run:
@@ -311,7 +324,7 @@ def _loss_rows(file: str, rows: list[dict]) -> list[list[str]]:
                     _device(r),
                     _preset(r),
                     f"`{file}` {letters[cmd]}",
-                    r["variant"],
+                    f"{r['variant']} vs {off['variant']}",
                     str(len(gaps)),
                     f"{max(gaps):.2g} (step {gaps.index(max(gaps)) + 1})",
                     f"{_pct2g(max(rel[:half]))} / {_pct2g(max(rel))}",
@@ -326,16 +339,19 @@ def _pct2g(x: float) -> str:
     return f"{100 * x:.2g}%"
 
 
+LOSS_FILES = ("train.jsonl", "train_h200.jsonl", "train_cpu.jsonl")
+
+
 def render_train_losses(bench: Path) -> str:
-    """All on (or one lever on) against all off: same initial weights, same batches, every step."""
-    head = ["GPU", "preset", "run", "variant vs ours-off", "steps (warm-up incl.)", "max abs. loss gap"]
-    head += ["max rel. gap, first half / all steps", "first loss (this / ours-off)", "last loss (this / ours-off)"]
+    """All on (or one lever on) against all off, and each opt-in feature against ours: same initial
+    weights, same batches, every step."""
+    head = ["device", "preset", "run", "variant vs reference", "steps (warm-up incl.)", "max abs. loss gap"]
+    head += ["max rel. gap, first half / all steps", "first loss (this / reference)", "last loss (this / reference)"]
     body = []
-    for file in ("train.jsonl", "train_h200.jsonl"):
+    for file in LOSS_FILES:
         body += _loss_rows(file, load_rows(bench, file))
-    return "Rows: `train.jsonl`, `train_h200.jsonl` (their `losses`: one per step, warm-up included).\n\n" + _table(
-        head, body
-    )
+    files = ", ".join(f"`{f}`" for f in LOSS_FILES)
+    return f"Rows: {files} (their `losses`: one per step, warm-up included).\n\n" + _table(head, body)
 
 
 def render_adam_memory(bench: Path) -> str:
@@ -352,10 +368,25 @@ def render_adam_memory(bench: Path) -> str:
     return "From `configs/<preset>.yaml` (`megatron_soda.model.flops.param_counts`).\n\n" + _table(head, body)
 
 
-KERNEL_PEERS = ("torch", "megatron-core", "liger-kernel", "cut-cross-entropy")
-PEER_NAMES = {"liger-kernel": "Liger-Kernel"}
+# columns of the kernel tables, in this order; a file's table has those its rows hold
+KERNEL_PEERS = (
+    "blockwise",
+    "blockwise+filter",
+    "torch",
+    "megatron-core",
+    "liger-kernel",
+    "cut-cross-entropy",
+    "cut-cross-entropy-exact",
+)
+PEER_NAMES = {
+    "liger-kernel": "Liger-Kernel",
+    "blockwise": "ours blockwise",
+    "blockwise+filter": "ours blockwise + filter",
+    "cut-cross-entropy-exact": "cut-cross-entropy exact",
+}
 OPS = {
     "cross_entropy": "linear + CE",
+    "ce_race": "linear + CE, fair race",
     "embedding": "embedding",
     "rmsnorm": "RMSNorm",
     "qk_norm": "QK-norm",
@@ -385,22 +416,23 @@ def render_kernels(file: str) -> Callable[[Path], str]:
     def render(bench: Path) -> str:
         entries = load_rows(bench, file)
         device = ", ".join(dict.fromkeys(e["device"] for e in entries if "device" in e))
-        head = ["op", "hidden", "tokens", "ours ms"] + [f"{PEER_NAMES.get(p, p)} ms (x)" for p in KERNEL_PEERS]
-        mem_head = ["op", "hidden", "tokens", "ours"] + [PEER_NAMES.get(p, p) for p in KERNEL_PEERS]
+        present = {impl for _, _, by in _kernel_rows(entries) for impl in by}
+        peers = [p for p in KERNEL_PEERS if p in present]
+        head = ["op", "hidden", "tokens", "ours ms"] + [f"{PEER_NAMES.get(p, p)} ms (x)" for p in peers]
+        mem_head = ["op", "hidden", "tokens", "ours"] + [PEER_NAMES.get(p, p) for p in peers]
         body, mem = [], []
         for op, e, by in _kernel_rows(entries):
             ours = by["fused"]
             hidden, tokens = _kernel_shape(e, op)
             cells = [OPS[op], hidden, tokens, f"{1e3 * ours['seconds']:.2f}"]
             cells += [
-                f"{1e3 * by[p]['seconds']:.2f} ({by[p]['speedup_of_fused']:.2f}x)" if p in by else ""
-                for p in KERNEL_PEERS
+                f"{1e3 * by[p]['seconds']:.2f} ({by[p]['speedup_of_fused']:.2f}x)" if p in by else "" for p in peers
             ]
             body.append(cells)
             row = [OPS[op], hidden, tokens, f"{ours['peak_mib']:,.0f}"]
             row += [
                 f"{by[p]['peak_mib']:,.0f} ({ours['peak_mib'] / by[p]['peak_mib']:.2f}x)" if p in by else ""
-                for p in KERNEL_PEERS
+                for p in peers
             ]
             mem.append(row)
         intro = (

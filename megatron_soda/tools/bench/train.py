@@ -13,7 +13,8 @@ compile caches of one never leak into the next, and each sees the same synthetic
   ... turn one lever (or several, joined by +) back on: the ablation;
 - `ours+fp8` (or any variant of ours +fp8): the same with `model.fp8 tensorwise` (the transformer
   layers' linears in FP8, kernels/fp8.py); same initial weights and batches, so the loss curves of
-  `ours` and `ours+fp8` compare step by step;
+  `ours` and `ours+fp8` compare step by step; likewise `+blockwise` (the output layer in
+  kernels/blockwise_ce.py) and `+filter` (that kernel with cut-cross-entropy's gradient filter);
 - `hf`: transformers' Qwen3ForCausalLM of the same config, SDPA, fused AdamW, bf16 autocast on
   GPU (fp32 on CPU), one process holding the same per-GPU micro-batches; `hf-compile` adds
   torch.compile. This is what a user would otherwise write.
@@ -33,13 +34,21 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_soda.config import Device, UserError
+from megatron_soda.config import CCE_FILTER_EPS, Device, UserError
 
 VARIANTS = ("ours", "ours-nokernels", "ours-off", "hf", "hf-compile")
 # lever name in a variant -> the config switch it turns on (off: the switch's torch choice)
 LEVER_NAMES = {"graphs": "cuda_graph", "wgrad": "wgrad", "norm": "norm", "rope": "rope", "adam": "adam"}
-# opt-in features a variant of ours can add (`ours+fp8`, `ours-off+rope+fp8`): name -> (section, key, value)
-EXTRAS = {"fp8": ("model", "fp8", "tensorwise")}
+# opt-in features a variant of ours can add (`ours+fp8`, `ours-off+rope+fp8`): name -> (overrides, what it is)
+EXTRAS = {
+    "fp8": ({"model": {"fp8": "tensorwise"}}, "model.fp8 tensorwise"),
+    "blockwise": ({"model": {"output_impl": "blockwise"}}, "model.output_impl blockwise"),
+    "filter": (
+        {"model": {"output_impl": "blockwise", "ce_filter_eps": CCE_FILTER_EPS}},
+        f"blockwise with model.ce_filter_eps {CCE_FILTER_EPS:.6f}",
+    ),
+}
+EXTRAS_HELP = ", ".join(f"+{name} ({what})" for name, (_, what) in EXTRAS.items())
 
 
 def check_variant(v: str) -> None:
@@ -57,6 +66,9 @@ def check_variant(v: str) -> None:
         raise UserError(
             f"variant {v!r}: unknown lever {bad[0]!r} (levers: {', '.join(LEVER_NAMES)}; extras: {', '.join(EXTRAS)})"
         )
+    kernel = [x for x in parts if "output_impl" in EXTRAS.get(x, ({}, ""))[0].get("model", {})]
+    if base == "ours-nokernels" and kernel:
+        raise UserError(f"variant {v!r}: +{kernel[0]} puts a kernel into ours-nokernels (torch's output layer)")
 
 
 def variant_overrides(v: str) -> dict:
@@ -75,9 +87,8 @@ def variant_overrides(v: str) -> dict:
             fast, slow = switch_options(name)
             out.setdefault(section, {})[key] = fast if name in on else slow
     for x in parts:
-        if x in EXTRAS:
-            section, key, value = EXTRAS[x]
-            out.setdefault(section, {})[key] = value
+        for section, values in EXTRAS.get(x, ({}, ""))[0].items():
+            out.setdefault(section, {}).update(values)
     return out
 
 
@@ -109,8 +120,16 @@ class TrainBenchConfig:
         default_factory=lambda: ["ours", "ours-nokernels", "hf"],
         metadata={
             "help": "comma list of ours, ours-nokernels, ours-off (speed levers off), ours-off+<lever>[+<lever>] "
-            "(levers: graphs, wgrad, norm, rope, adam), any of those +fp8 (model.fp8 tensorwise), hf, "
+            f"(levers: {', '.join(LEVER_NAMES)}), any of those with opt-in extras {EXTRAS_HELP}, hf, "
             "hf-compile (transformers + torch.compile)"
+        },
+    )
+    real_data: bool = field(
+        default=False,
+        metadata={
+            "help": "ours variants train on the first warm-up + steps global batches of the config's data.paths "
+            "(each step its own, as a real run) instead of the same synthetic batches every step; for loss "
+            "curves on real data (transformers baselines are refused with it)"
         },
     )
     baseline_micro_batch: int = field(
@@ -134,6 +153,8 @@ def bench_job(cfg: TrainBenchConfig, overrides: dict) -> list[dict]:
     override the preset, as in `soda train`."""
     if not cfg.variants:
         raise UserError("--variants: none given")
+    if cfg.real_data and any(not v.startswith("ours") for v in cfg.variants):
+        raise UserError("--real-data: the transformers baselines feed synthetic batches; give only variants of ours")
     for v in cfg.variants:
         try:
             check_variant(v)
@@ -156,8 +177,9 @@ def run_suite(cfg: TrainBenchConfig, overrides: dict, command: str = "") -> list
     run_cfg = load_config(cfg.config, overrides)  # fail here, with the user's flags, before any process starts
     run_cfg.train.device = cfg.device
     if any(v.startswith("ours") for v in variants):
-        validate(run_cfg, nproc, need_data=False)
-    bench_layout(run_cfg.model.vocab_size)
+        validate(run_cfg, nproc, need_data=cfg.real_data)
+    if not cfg.real_data:  # with real data the shards' layout is the model's
+        bench_layout(run_cfg.model.vocab_size)
     dp = data_parallel_size(run_cfg.parallel, nproc)
     rows: list[dict] = []
     failed: dict[str, str] = {}  # one variant out of memory must not cost the others' numbers
@@ -174,6 +196,7 @@ def run_suite(cfg: TrainBenchConfig, overrides: dict, command: str = "") -> list
                 "warmup": cfg.warmup,
                 "profile": str(Path(cfg.profile) / v) if cfg.profile else None,
                 "dp": dp,
+                "real_data": cfg.real_data,
                 "out": str(out),
             }
             spec_file = Path(tmp) / f"{v}.spec.json"

@@ -102,6 +102,7 @@ def _summary(
         "micro_batch": t.micro_batch_size,
         "global_batch": t.global_batch_size,
         "seq_len": t.seq_length,
+        "vocab": cfg.model.vocab_size,  # resolved (0 in a preset: the shards' or the bench layout's)
         "dtype": "bf16" if device == "cuda" else "fp32",
         "impl": impl,
         "steps": len(times["step"]),
@@ -151,8 +152,26 @@ def _measure(step, warmup: int, steps: int, device: str, profile_dir: str | None
 # --- ours ----------------------------------------------------------------------------------------
 
 
-def bench_ours(cfg, steps: int, warmup: int, variant: str, profile_dir: str | None) -> dict | None:
-    """Time the Trainer's own training step; call inside an initialized process group. Row on rank 0."""
+def real_global_batches(cfg, trainer, dataset, n: int) -> list[list[dict]]:
+    """The first `n` global batches of this rank from the config's data (each step its own, as in a
+    real run), held in memory so that loading is not timed."""
+    from itertools import islice
+
+    from megatron_soda.data.loader import SodaDataLoader
+
+    t = cfg.train
+    loader = SodaDataLoader(
+        dataset, t.micro_batch_size, t.global_batch_size, trainer.dp_rank, trainer.dp, num_workers=0
+    )
+    return list(islice(iter(loader), n))
+
+
+def bench_ours(
+    cfg, steps: int, warmup: int, variant: str, profile_dir: str | None, real_data: bool = False
+) -> dict | None:
+    """Time the Trainer's own training step; call inside an initialized process group. Row on rank 0.
+    `real_data`: the steps train on the config's data (batches loaded before timing), else on the
+    same synthetic batches every step."""
     import dataclasses
 
     import torch.distributed as dist
@@ -164,23 +183,37 @@ def bench_ours(cfg, steps: int, warmup: int, variant: str, profile_dir: str | No
     for section, kv in variant_overrides(variant).items():
         values[section].update(kv)
     cfg = config_from_dict(values)
-    layout = bench_layout(cfg.model.vocab_size)
+    if real_data:
+        from megatron_soda.training.loop import open_dataset
+
+        dataset = open_dataset(cfg)
+        layout = dataset.layout
+    else:
+        layout = bench_layout(cfg.model.vocab_size)
     cfg.model.vocab_size = layout.vocab_size
-    trainer = build_trainer(cfg, layout, need_data=False)
+    trainer = build_trainer(cfg, layout, need_data=real_data)
     device, fp, dp = trainer.device, trainer.fast_paths, trainer.dp
     graphs = fp.cuda_graph != "none"
     t = cfg.train
-    micro = synthetic_micro_batches(
-        layout.vocab_size,
-        t.micro_batch_size,
-        t.seq_length,
-        num_micro_batches(t.global_batch_size, t.micro_batch_size, dp),
-        seed=dist.get_rank(),
-    )
+    if real_data:
+        batches = real_global_batches(cfg, trainer, dataset, warmup + steps)
+    else:
+        batches = [
+            synthetic_micro_batches(
+                layout.vocab_size,
+                t.micro_batch_size,
+                t.seq_length,
+                num_micro_batches(t.global_batch_size, t.micro_batch_size, dp),
+                seed=dist.get_rank(),
+            )
+        ]
+    micro = batches[0]
+    done = [0]
     trainer.time_grad_sync = not graphs  # inside a CUDA graph nothing may synchronise: the sync is then backward's
 
     def step():
-        row = trainer.train_step(micro)
+        row = trainer.train_step(batches[done[0] % len(batches)])
+        done[0] += 1
         # backward still holds the forward: it is subtracted below
         sync = row.get("grad_sync_s", 0.0)
         return row["loss"], {
@@ -201,9 +234,12 @@ def bench_ours(cfg, steps: int, warmup: int, variant: str, profile_dir: str | No
     f = statistics.median(times["forward"])
     times["backward"] = [max(0.0, b - f) for b in times["backward"]]
     impl = fp.describe() + (f", fp8 {cfg.model.fp8}" if cfg.model.fp8 != "none" else "")
+    impl += f", ce_filter_eps {cfg.model.ce_filter_eps:g}" if cfg.model.ce_filter_eps else ""
     row = _summary(cfg, variant, impl, device, dist.get_world_size(), dp, times, losses, peak_tflops(t.peak_tflops))
     row["fast_paths"] = dataclasses.asdict(fp)
     row["fp8"] = cfg.model.fp8  # MFU stays against the bf16 peak: comparable with every other row
+    row["ce_filter_eps"] = cfg.model.ce_filter_eps  # > 0: an approximate gradient (compare the loss curves)
+    row["data"] = "real: " + ",".join(cfg.data.paths) if real_data else "synthetic"
     row["layers"] = trainer.layer_path
     # the kernel SDPA picks at this shape (what runs unless flash-attn's or Transformer Engine's path is on)
     row["sdpa_backend"] = sdpa_backend(cfg, device, torch.bfloat16 if device == "cuda" else torch.float32)
@@ -321,10 +357,10 @@ def run_variant(spec: dict) -> int:
         row = bench_hf(cfg, spec["steps"], spec["warmup"], variant == "hf-compile", spec["profile"], spec["dp"])
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        validate(cfg, world, need_data=False)
+        validate(cfg, world, need_data=spec.get("real_data", False))
         init_distributed(resolve_device(cfg.train.device))
         try:
-            row = bench_ours(cfg, spec["steps"], spec["warmup"], variant, spec["profile"])
+            row = bench_ours(cfg, spec["steps"], spec["warmup"], variant, spec["profile"], spec.get("real_data", False))
         finally:
             teardown()
         assert data_parallel_size(cfg.parallel, world) == spec["dp"]

@@ -72,12 +72,13 @@ def step_collectives(run: Run, lay: Layout, stage: StageState) -> list[Collectiv
                 add("tp", "all_reduce", hidden, 2 * n_fwd, "tp_fwd", tp)
                 add("tp", "all_reduce", hidden, 2 * n_bwd, "tp_bwd_async", tp)
             if c.last:
-                if run.output == "fused":  # SodaOutputLayer defers the projection to the fused CE
+                if run.output != "torch":  # SodaOutputLayer defers the projection to the loss kernel
                     if sp:
                         add("tp", "all_gather_into_tensor", hidden, per_mb, "tp_fwd", tp)
                         add("tp", "reduce_scatter_tensor", hidden, per_mb, "tp_bwd", tp)
-                    else:  # the fused CE all-reduces its input gradient (computed in the forward)
-                        add("tp", "all_reduce", tokens * m.hidden_size * run.param_bytes, per_mb, "tp_fwd", tp)
+                    else:  # the kernel all-reduces its input gradient: fused computes it in the forward
+                        when = "tp_fwd" if run.output == "fused" else "tp_bwd"
+                        add("tp", "all_reduce", tokens * m.hidden_size * run.param_bytes, per_mb, when, tp)
                 elif sp:  # ColumnParallelLinear with SP
                     add("tp", "all_gather_into_tensor", hidden, per_mb, "tp_fwd", tp)
                     add("tp", "all_gather_into_tensor", hidden, per_mb, "tp_bwd_async", tp)
