@@ -4,10 +4,12 @@ made once per test run (the codec is the slow part on 2 CPU cores)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_soda.tokenization.codec import MimiCodec, random_mimi
 from megatron_soda.tokenization.prepare import PrepareConfig, prepare
@@ -16,6 +18,12 @@ from megatron_soda.tokenization.shards import write_shard
 from megatron_soda.tokenization.text_tokenizer import extend_tokenizer, save_tokenizer, train_tiny_bpe
 from megatron_soda.tokenization.tiny_corpus import make_corpus, make_s2st_corpus
 from megatron_soda.tokenization.vocab import SodaLayout
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores, next to the torchrun ranks they start (one thread
+    # each): a worker's own torch work on two threads as well oversubscribes the cores, and OpenMP's
+    # waiting threads then slow both sides several-fold (a fixture of 24 s alone took 138 s)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
