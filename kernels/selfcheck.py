@@ -36,6 +36,13 @@ NORMS = ("rmsnorm", "rmsnorm_rows", "qk_norm", "qk_norm128")
 FP8_KEYS = ("fp8_col_fwd", "fp8_col_dx", "fp8_col_dw", "fp8_row_fwd", "fp8_row_dx", "fp8_row_dw", "fp8_gemm")
 
 
+def _main_grad(w: torch.Tensor, fill: float) -> torch.Tensor:
+    """A weight as megatron's DDP leaves it: an fp32 main_grad (pre-filled) and the not-added flag."""
+    w.main_grad = torch.full(w.shape, fill, dtype=torch.float32, device=w.device)
+    w.grad_added_to_main_grad = False
+    return w
+
+
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30))
 
@@ -151,9 +158,7 @@ def main() -> int:
 
     # 4. gradient-accumulation fusion: the embedding's and the output layer's weight gradients added
     # to an fp32 main_grad (as megatron's DDP gives every weight) equal the separate gradients
-    wl3 = w[start : start + per].clone().requires_grad_(True)
-    wl3.main_grad = torch.full(wl3.shape, 0.5, dtype=torch.float32, device=dev)
-    wl3.grad_added_to_main_grad = False
+    wl3 = _main_grad(w[start : start + per].clone().requires_grad_(True), 0.5)
     _, _, loss3 = fused_linear_cross_entropy(
         h,
         wl3,
@@ -168,17 +173,13 @@ def main() -> int:
     )
     (3.0 * loss3).backward()
     out["ce_main_grad"] = float((wl3.main_grad - 0.5 - 3.0 * wr.grad[start : start + per]).abs().max())
-    shard2 = table[start : start + per].clone().requires_grad_(True)
-    shard2.main_grad = torch.zeros(shard2.shape, dtype=torch.float32, device=dev)
-    shard2.grad_added_to_main_grad = False
+    shard2 = _main_grad(table[start : start + per].clone().requires_grad_(True), 0.0)
     fused_embedding(ids, shard2, start, start + per, into_main_grad=True).backward(grad_out)
     out["embedding_main_grad"] = float((shard2.main_grad - ref_table.grad[start : start + per]).abs().max())
     # the blockwise kernel (kernels/blockwise_ce.py): the training loss, d(hidden) reduced over TP,
     # d(weight) added by atomics straight into main_grad
     hl4 = h.clone().requires_grad_(True)
-    wl4 = w[start : start + per].clone().requires_grad_(True)
-    wl4.main_grad = torch.full(wl4.shape, 0.5, dtype=torch.float32, device=dev)
-    wl4.grad_added_to_main_grad = False
+    wl4 = _main_grad(w[start : start + per].clone().requires_grad_(True), 0.5)
     nll4, lse4, loss4 = blockwise_linear_cross_entropy(
         hl4, wl4, labels, start, real, group=dist.group.WORLD, loss_weight=mask, z_loss=1e-2, into_main_grad=True
     )

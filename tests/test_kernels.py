@@ -90,22 +90,34 @@ def test_embedding_matches_torch_on_a_vocab_shard(dtype, deterministic):
 
 
 @contextlib.contextmanager
-def _small_ce_tiles():
-    """The blockwise kernel's interpreter launch as a GPU's, in miniature: 16-token by 128-row tiles
-    (13 token blocks: the last group of GROUP_T token blocks is short), 3 vocabulary slices in the
-    forward (unequal), the hidden dimension in two steps (the second partial)."""
-    from megatron_soda.kernels import blockwise_ce as bw
-
-    names = ("INTERPRETER_BLOCK_T", "INTERPRETER_BLOCK_V", "INTERPRETER_LSE_SPLITS", "INTERPRETER_BLOCK_K")
-    names += ("BLOCK_T", "BLOCK_V")  # the GPU's tiles: a filtered backward uses them in the interpreter too
-    saved = {k: getattr(bw, k) for k in names}
-    bw.INTERPRETER_BLOCK_T, bw.INTERPRETER_BLOCK_V, bw.INTERPRETER_LSE_SPLITS, bw.INTERPRETER_BLOCK_K = 16, 128, 3, 16
-    bw.BLOCK_T, bw.BLOCK_V = 16, 128
+def _patched(module, **values):
+    """Module constants set to `values` for the block (a kernel's launch sizes), then restored."""
+    saved = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
     try:
         yield
     finally:
         for k, v in saved.items():
-            setattr(bw, k, v)
+            setattr(module, k, v)
+
+
+def _small_ce_tiles():
+    """The blockwise kernel's interpreter launch as a GPU's, in miniature: 16-token by 128-row tiles
+    (13 token blocks: the last group of GROUP_T token blocks is short), 3 vocabulary slices in the
+    forward (unequal), the hidden dimension in two steps (the second partial); BLOCK_T / BLOCK_V
+    are the GPU's tiles, which a filtered backward uses in the interpreter too."""
+    from megatron_soda.kernels import blockwise_ce
+
+    return _patched(
+        blockwise_ce,
+        INTERPRETER_BLOCK_T=16,
+        INTERPRETER_BLOCK_V=128,
+        INTERPRETER_LSE_SPLITS=3,
+        INTERPRETER_BLOCK_K=16,
+        BLOCK_T=16,
+        BLOCK_V=128,
+    )
 
 
 def _linear_ce(impl: str, *args, **kw):
@@ -284,22 +296,13 @@ def test_wgrad_gemm_and_multi_tensor_ops_match_megatron():
     assert all(torch.equal(x, t * 0.5) for x, t in zip(c, ts, strict=True))
 
 
-@contextlib.contextmanager
 def _small_norm_blocks():
     """The interpreter's RMSNorm launch as a GPU's, in miniature: 4-row blocks, 3 backward programs
     each visiting several blocks (the last one short), the d(weight) sum over several column blocks
     and steps of partial rows."""
     from megatron_soda.kernels import rmsnorm
 
-    names = ("INTERPRETER_BLOCK_ELEMENTS", "INTERPRETER_PROGRAMS", "DW_BLOCK_P", "DW_BLOCK_N")
-    saved = {k: getattr(rmsnorm, k) for k in names}
-    rmsnorm.INTERPRETER_BLOCK_ELEMENTS, rmsnorm.INTERPRETER_PROGRAMS = 4 * 256, 3
-    rmsnorm.DW_BLOCK_P, rmsnorm.DW_BLOCK_N = 2, 16
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(rmsnorm, k, v)
+    return _patched(rmsnorm, INTERPRETER_BLOCK_ELEMENTS=4 * 256, INTERPRETER_PROGRAMS=3, DW_BLOCK_P=2, DW_BLOCK_N=16)
 
 
 def check_rmsnorm(shape=(37, 3, 48), plant: str | None = None, small_blocks: bool = False) -> list[str]:

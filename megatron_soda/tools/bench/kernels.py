@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 SODA_VOCAB = 144_644
+BLOCKWISE = (("blockwise", 0.0), ("blockwise+filter", CCE_FILTER_EPS))  # candidate name, filter_eps
 
 
 def _timeit(fn, reps: int, cuda: bool) -> tuple[float, float]:
@@ -148,7 +149,7 @@ def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, c
         loss.backward()
         _ddp_hook(w)
 
-    def blockwise(filter_eps: float = 0.0):
+    def blockwise(filter_eps: float):
         def run():
             blockwise_linear_cross_entropy(
                 h, w, labels, 0, vocab, loss_weight=ones, into_main_grad=True, filter_eps=filter_eps
@@ -166,13 +167,8 @@ def bench_ce(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dtype, c
         vocab_parallel_cross_entropy(logits[:, None, :], labels[:, None]).sum().backward()
         _ddp_hook(w)
 
-    cands = [
-        ("fused", fused),
-        ("blockwise", blockwise()),
-        ("blockwise+filter", blockwise(CCE_FILTER_EPS)),
-        ("torch", torch_ref),
-        ("megatron-core", megatron),
-    ]
+    cands = [("fused", fused), *[(name, blockwise(eps)) for name, eps in BLOCKWISE]]
+    cands += [("torch", torch_ref), ("megatron-core", megatron)]
     if cuda:  # the peers are GPU-only (Triton kernels compiled for CUDA)
         try:
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
@@ -384,7 +380,7 @@ def bench_ce_race(hidden: int, tokens: int, vocab: int, reps: int, dev: str, dty
                     h, w, labels, 0, vocab, loss_weight=ones, into_main_grad=True, filter_eps=eps
                 )[2],
             )
-            for name, eps in (("blockwise", 0.0), ("blockwise+filter", CCE_FILTER_EPS))
+            for name, eps in BLOCKWISE
         ],
         timed("torch", lambda: F.cross_entropy((h @ w.t()).float(), labels, reduction="sum")),
         timed(

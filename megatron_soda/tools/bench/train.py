@@ -51,6 +51,11 @@ EXTRAS = {
 EXTRAS_HELP = ", ".join(f"+{name} ({what})" for name, (_, what) in EXTRAS.items())
 
 
+def _extra_overrides(part: str) -> dict:
+    """The config overrides of a variant's `+part` ({} for a lever)."""
+    return EXTRAS[part][0] if part in EXTRAS else {}
+
+
 def check_variant(v: str) -> None:
     """`ours-off+graphs+adam` and `ours+fp8` style names are valid too; raises a UserError naming the
     unknown part."""
@@ -66,7 +71,7 @@ def check_variant(v: str) -> None:
         raise UserError(
             f"variant {v!r}: unknown lever {bad[0]!r} (levers: {', '.join(LEVER_NAMES)}; extras: {', '.join(EXTRAS)})"
         )
-    kernel = [x for x in parts if "output_impl" in EXTRAS.get(x, ({}, ""))[0].get("model", {})]
+    kernel = [x for x in parts if "output_impl" in _extra_overrides(x).get("model", {})]
     if base == "ours-nokernels" and kernel:
         raise UserError(f"variant {v!r}: +{kernel[0]} puts a kernel into ours-nokernels (torch's output layer)")
 
@@ -87,7 +92,7 @@ def variant_overrides(v: str) -> dict:
             fast, slow = switch_options(name)
             out.setdefault(section, {})[key] = fast if name in on else slow
     for x in parts:
-        for section, values in EXTRAS.get(x, ({}, ""))[0].items():
+        for section, values in _extra_overrides(x).items():
             out.setdefault(section, {}).update(values)
     return out
 

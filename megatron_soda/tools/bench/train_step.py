@@ -173,6 +173,7 @@ def bench_ours(
     `real_data`: the steps train on the config's data (batches loaded before timing), else on the
     same synthetic batches every step."""
     import dataclasses
+    import itertools
 
     import torch.distributed as dist
 
@@ -208,12 +209,11 @@ def bench_ours(
             )
         ]
     micro = batches[0]
-    done = [0]
+    order = itertools.cycle(batches)
     trainer.time_grad_sync = not graphs  # inside a CUDA graph nothing may synchronise: the sync is then backward's
 
     def step():
-        row = trainer.train_step(batches[done[0] % len(batches)])
-        done[0] += 1
+        row = trainer.train_step(next(order))
         # backward still holds the forward: it is subtracted below
         sync = row.get("grad_sync_s", 0.0)
         return row["loss"], {
